@@ -1,0 +1,498 @@
+r"""Ranking metrics for the two evaluation protocols rayrec reports. Pure torch, no Ray.
+
+Sampled protocol (DE-RRD leave-one-out)
+    Each user's single held-out item is scored against :math:`N` fixed sampled negatives and its rank
+    :math:`p_u \in \{1, \dots, N+1\}` among those :math:`N+1` candidates gives ``H@K``, ``N@K`` and ``M@K``.
+
+Full-ranking protocol
+    Each user's held-out items :math:`T_u` are ranked against *all* :math:`I` items, with the items the user
+    must not be recommended (its training items, and its validation items when testing) removed from the candidate
+    list. The per-item positions give ``Recall@K``, ``NDCG@K`` and ``HR@K``.
+
+Ties are counted **pessimistically** in both protocols: an item tied with a held-out item is placed above it, so a
+model that gives every item the same score gets the worst possible rank and scores 0 (instead of the optimistic or
+order-dependent value an ordinary ``argsort``/``topk`` gives it). NaN scores never help a held-out item: a NaN
+held-out score ranks below every candidate, a NaN candidate score ranks above every held-out item.
+
+Every function returns **per-user** values (shape ``[B]``); the caller averages (and decides what to do with the
+NaN the full protocol gives users without held-out items, e.g. ``torch.nanmean`` to skip them).
+
+Shape letters used in the docstrings:
+
+* ``B`` -- users in the chunk (rows),
+* ``N`` -- sampled negatives per user (sampled protocol),
+* ``I`` -- items in the catalogue (full protocol),
+* ``H`` -- held-out items per user, padded with ``-1`` (full protocol),
+* ``nnz`` -- stored entries of a CSR matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sampled_ranks",
+    "sampled_metrics",
+    "full_ranking_metrics",
+    "masked_topk",
+    "chunk_size_for",
+    "select_csr_rows",
+]
+
+#: Dtype of the per-user metric values both protocols return (computed in float64, stored as float32).
+METRIC_DTYPE = torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------------------------
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    if isinstance(ks, int):
+        ks = [ks]
+    ks = list(ks)
+    if not ks:
+        raise ValueError("ks must name at least one cutoff K")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"every cutoff K must be a positive int, got {k!r} in ks={ks!r}")
+    return ks
+
+
+def _check_scores(scores: Tensor, name: str = "scores") -> None:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, I], got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {scores.dtype}")
+
+
+def _build_mask(
+    num_rows: int,
+    num_items: int,
+    device: torch.device,
+    mask: Tensor | None,
+    mask_indptr: Tensor | None,
+    mask_indices: Tensor | None,
+) -> Tensor | None:
+    """Returns the boolean ``[B, I]`` exclusion mask (a fresh tensor, never the caller's), or ``None`` for none."""
+    if mask is not None and (mask_indptr is not None or mask_indices is not None):
+        raise ValueError("give either a boolean mask or mask_indptr/mask_indices (CSR), not both")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a boolean tensor of shape [B, I]")
+        if tuple(mask.shape) != (num_rows, num_items):
+            raise ValueError(f"mask must have shape [B, I] = {(num_rows, num_items)}, got {tuple(mask.shape)}")
+        return mask.to(device=device, copy=True)
+    if mask_indptr is None and mask_indices is None:
+        return None
+    if mask_indptr is None or mask_indices is None:
+        raise ValueError("mask_indptr and mask_indices must be given together")
+    indptr = torch.as_tensor(mask_indptr).to(device=device, dtype=torch.int64)
+    indices = torch.as_tensor(mask_indices).to(device=device, dtype=torch.int64)
+    if indptr.dim() != 1 or indptr.numel() != num_rows + 1:
+        raise ValueError(f"mask_indptr must have shape [B + 1] = [{num_rows + 1}], got {tuple(indptr.shape)}")
+    if indices.dim() != 1:
+        raise ValueError(f"mask_indices must be 1-D, got shape {tuple(indices.shape)}")
+    counts = indptr[1:] - indptr[:-1]
+    if num_rows and (bool((counts < 0).any()) or int(indptr[0]) < 0 or int(indptr[-1]) > indices.numel()):
+        raise ValueError(
+            "mask_indptr must be non-decreasing with 0 <= indptr[0] and indptr[-1] <= len(mask_indices) "
+            f"= {indices.numel()}"
+        )
+    out = torch.zeros(num_rows, num_items, dtype=torch.bool, device=device)
+    if num_rows == 0:
+        return out
+    # A row range of a bigger CSR is accepted as is: row r owns indices[indptr[r]:indptr[r+1]].
+    cols = indices[int(indptr[0]) : int(indptr[-1])]
+    if cols.numel():
+        if int(cols.min()) < 0 or int(cols.max()) >= num_items:
+            raise ValueError(f"mask_indices must lie in [0, I) = [0, {num_items}), got [{int(cols.min())}, {int(cols.max())}]")
+        rows = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+        out[rows, cols] = True
+    return out
+
+
+def _check_truth(truth: Tensor, num_rows: int, num_items: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Returns ``(truth [B, H] int64 on device, valid [B, H] bool)``; raises on bad ids or duplicates."""
+    truth = torch.as_tensor(truth)
+    if truth.dim() != 2 or truth.shape[0] != num_rows:
+        raise ValueError(f"truth must have shape [B, H] with B = {num_rows}, got {tuple(truth.shape)}")
+    if truth.is_floating_point() or truth.dtype == torch.bool or truth.is_complex():
+        raise ValueError(f"truth must hold integer item ids (-1 for padding), got dtype {truth.dtype}")
+    truth = truth.to(device=device, dtype=torch.int64)
+    valid = truth >= 0
+    if truth.numel():
+        bad = (truth < -1) | (truth >= num_items)
+        if bool(bad.any()):
+            r, c = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"truth[{r}, {c}] = {int(truth[r, c])} is not an item id in [0, {num_items}) nor the padding -1"
+            )
+        if truth.shape[1] > 1:
+            srt = truth.sort(dim=1).values
+            dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+            if bool(dup.any()):
+                r = int(dup.any(dim=1).nonzero()[0])
+                raise ValueError(f"truth row {r} lists a held-out item twice: {truth[r].tolist()}")
+    return truth, valid
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sampled protocol
+# --------------------------------------------------------------------------------------------------------------
+def sampled_ranks(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
+    r"""Rank of each user's held-out item among itself and its :math:`N` sampled negatives (1 = best).
+
+    .. math::
+        p_u = 1 + \sum_{j=1}^{N} \mathbb{1}\left[ s_{u,j}^{-} \ge s_u^{+} \right]
+
+    Ties count against the held-out item (pessimistic), so a constant-score model gets :math:`p_u = N + 1`.
+    A NaN held-out score gives :math:`p_u = N + 1`; a NaN negative counts as scoring above the held-out item.
+
+    Args:
+        pos_scores: ``[B]`` score of each user's held-out item.
+        neg_scores: ``[B, N]`` scores of each user's sampled negatives.
+
+    Returns:
+        ``[B]`` int64 ranks in :math:`\{1, \dots, N + 1\}`.
+    """
+    if not isinstance(pos_scores, Tensor) or not isinstance(neg_scores, Tensor):
+        raise TypeError("pos_scores and neg_scores must be torch.Tensors")
+    if pos_scores.dim() != 1:
+        raise ValueError(f"pos_scores must have shape [B], got {tuple(pos_scores.shape)}")
+    if neg_scores.dim() != 2 or neg_scores.shape[0] != pos_scores.shape[0]:
+        raise ValueError(
+            f"neg_scores must have shape [B, N] with B = {pos_scores.shape[0]}, got {tuple(neg_scores.shape)}"
+        )
+    pos = pos_scores.to(neg_scores.device).unsqueeze(1)
+    above = (neg_scores >= pos) | torch.isnan(neg_scores) | torch.isnan(pos)
+    return 1 + above.sum(dim=1, dtype=torch.int64)
+
+
+def sampled_metrics(ranks: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
+    r"""Per-user hit ratio, NDCG and MRR at each cutoff from sampled-protocol ranks.
+
+    With :math:`p_u` the rank from :func:`sampled_ranks` (one held-out item, binary gain, so IDCG = 1):
+
+    .. math::
+        \mathrm{H@K}_u = \mathbb{1}[p_u \le K], \qquad
+        \mathrm{N@K}_u = \frac{\mathbb{1}[p_u \le K]}{\log_2(p_u + 1)}, \qquad
+        \mathrm{M@K}_u = \frac{\mathbb{1}[p_u \le K]}{p_u}
+
+    Args:
+        ranks: ``[B]`` integer ranks, 1 = best.
+        ks: cutoffs :math:`K` (positive ints).
+
+    Returns:
+        ``{"H@K": [B], "N@K": [B], "M@K": [B]}`` for every K in ``ks``, float32.
+    """
+    ks = _check_ks(ks)
+    if not isinstance(ranks, Tensor) or ranks.dim() != 1:
+        raise ValueError("ranks must be a 1-D tensor of shape [B]")
+    if ranks.is_floating_point():
+        if bool((ranks != ranks.round()).any()):
+            raise ValueError("ranks must be integers")
+    if ranks.numel() and int(ranks.min()) < 1:
+        raise ValueError(f"ranks must be >= 1, got min {int(ranks.min())}")
+    p = ranks.to(torch.float64)
+    ndcg = 1.0 / torch.log2(p + 1.0)
+    mrr = 1.0 / p
+    out: dict[str, Tensor] = {}
+    for k in ks:
+        hit = ranks <= k
+        out[f"H@{k}"] = hit.to(METRIC_DTYPE)
+        out[f"N@{k}"] = torch.where(hit, ndcg, 0.0).to(METRIC_DTYPE)
+        out[f"M@{k}"] = torch.where(hit, mrr, 0.0).to(METRIC_DTYPE)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# full-ranking protocol
+# --------------------------------------------------------------------------------------------------------------
+def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, valid: Tensor) -> Tensor:
+    """``[B, H]`` int64 pessimistic positions of the held-out items (garbage where ``valid`` is False).
+
+    Memory: one ``[B, I]`` copy of ``scores``, two ``[B, I]`` bool tensors and one ``[B, I]`` bool temporary.
+    """
+    num_rows, num_items = scores.shape
+    device = scores.device
+    heldout = torch.zeros(num_rows, num_items, dtype=torch.bool, device=device)
+    rows = torch.arange(num_rows, device=device).unsqueeze(1).expand_as(truth)
+    heldout[rows[valid], truth[valid]] = True
+
+    # Candidate scores: NaN candidates rank above everything (+inf, which also ties with a +inf held-out item and
+    # wins the tie); masked and held-out items are set to NaN so that no comparison ever counts them.
+    other = torch.where(torch.isnan(scores), torch.inf, scores)
+    if exclude is not None:
+        heldout |= exclude
+    other.masked_fill_(heldout, torch.nan)
+    del heldout
+
+    # Held-out scores: a NaN held-out item ranks below every candidate (-inf, and loses -inf ties).
+    th = scores.gather(1, truth.clamp(min=0))
+    th = torch.where(torch.isnan(th), -torch.inf, th)
+    th = th.masked_fill(~valid, torch.nan)  # padding never counts as a held-out item ranked above another
+
+    num_cols = truth.shape[1]
+    col = torch.arange(num_cols, device=device)
+    pos = torch.ones(num_rows, num_cols, dtype=torch.int64, device=device)
+    for h in range(num_cols):
+        if not bool(valid[:, h].any()):
+            continue
+        s = th[:, h : h + 1]  # [B, 1]; NaN on padded rows -> every comparison False
+        # unmasked non-held-out items with score >= s_h (ties pessimistic)
+        pos[:, h] += (other >= s).sum(dim=1)
+        # other held-out items with a higher score, or an equal score and an earlier column
+        before = (th > s) | ((th == s) & (col < h))
+        pos[:, h] += before.sum(dim=1)
+    return pos
+
+
+def _full_metrics_from_positions(pos: Tensor, valid: Tensor, ks: list[int]) -> dict[str, Tensor]:
+    device = pos.device
+    n_gt = valid.sum(dim=1)
+    no_gt = n_gt == 0
+    disc = 1.0 / torch.log2(pos.to(torch.float64) + 1.0)  # [B, H]
+    kmax = max(ks)
+    # idcg_table[m] = sum_{i=1}^{m} 1 / log2(i + 1), m = 0..kmax
+    idcg_table = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.float64, device=device),
+            torch.cumsum(1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64, device=device)), 0),
+        ]
+    )
+    nan = torch.tensor(torch.nan, dtype=torch.float64, device=device)
+    out: dict[str, Tensor] = {}
+    for k in ks:
+        in_k = valid & (pos <= k)
+        hits = in_k.sum(dim=1)
+        recall = hits.to(torch.float64) / n_gt.clamp(min=1)
+        dcg = torch.where(in_k, disc, 0.0).sum(dim=1)
+        idcg = idcg_table[n_gt.clamp(max=k)]
+        ndcg = dcg / idcg.clamp(min=1e-300)
+        hr = (hits > 0).to(torch.float64)
+        out[f"Recall@{k}"] = torch.where(no_gt, nan, recall).to(METRIC_DTYPE)
+        out[f"NDCG@{k}"] = torch.where(no_gt, nan, ndcg).to(METRIC_DTYPE)
+        out[f"HR@{k}"] = torch.where(no_gt, nan, hr).to(METRIC_DTYPE)
+    return out
+
+
+def _full_ranking_block(
+    scores: Tensor,
+    truth: Tensor,
+    ks: list[int],
+    mask: Tensor | None,
+    mask_indptr: Tensor | None,
+    mask_indices: Tensor | None,
+) -> dict[str, Tensor]:
+    num_rows, num_items = scores.shape
+    truth, valid = _check_truth(truth, num_rows, num_items, scores.device)
+    exclude = _build_mask(num_rows, num_items, scores.device, mask, mask_indptr, mask_indices)
+    if exclude is not None and truth.numel():
+        hit = exclude.gather(1, truth.clamp(min=0)) & valid
+        if bool(hit.any()):
+            r, c = (int(x) for x in hit.nonzero()[0])
+            raise ValueError(
+                f"held-out item {int(truth[r, c])} of row {r} is masked out; a held-out item must stay a candidate "
+                "(check that the train/valid/test splits are disjoint)"
+            )
+    pos = _heldout_positions(scores, exclude, truth, valid)
+    return _full_metrics_from_positions(pos, valid, ks)
+
+
+def full_ranking_metrics(
+    scores: Tensor,
+    truth: Tensor,
+    ks: Sequence[int],
+    *,
+    mask: Tensor | None = None,
+    mask_indptr: Tensor | None = None,
+    mask_indices: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    r"""Per-user Recall, NDCG and hit rate at each cutoff, ranking every unmasked item.
+
+    For user :math:`u` with held-out items :math:`T_u`, unmasked candidates :math:`C_u` (all items minus the masked
+    ones; :math:`T_u \subseteq C_u`) and scores :math:`s_{u,i}`, the position of :math:`h \in T_u` is pessimistic in
+    ties (held-out items tied with each other are ordered by their column in ``truth``):
+
+    .. math::
+        p_{u,h} = 1 + \left|\{ i \in C_u : s_{u,i} > s_{u,h} \}\right|
+                    + \left|\{ i \in C_u \setminus T_u : s_{u,i} = s_{u,h} \}\right|
+                    + \left|\{ g \in T_u : s_{u,g} = s_{u,h},\ g \text{ before } h \text{ in } \texttt{truth}_u \}\right|
+
+    .. math::
+        \mathrm{Recall@K}_u = \frac{\sum_{h \in T_u} \mathbb{1}[p_{u,h} \le K]}{|T_u|}, \qquad
+        \mathrm{HR@K}_u = \mathbb{1}\left[\exists h \in T_u : p_{u,h} \le K\right]
+
+    .. math::
+        \mathrm{NDCG@K}_u = \frac{\sum_{h \in T_u} \mathbb{1}[p_{u,h} \le K] / \log_2(p_{u,h} + 1)}
+                                 {\sum_{i=1}^{\min(|T_u|, K)} 1 / \log_2(i + 1)}
+
+    Users with :math:`|T_u| = 0` get NaN for every metric. NaN scores: a NaN held-out item ranks below every
+    candidate, a NaN candidate ranks above every held-out item.
+
+    The row is never sorted and no ``[B, H, I]`` tensor is built: the positions come from one ``[B, I]`` comparison
+    per column of ``truth`` (time :math:`O(B \cdot H \cdot I)`, memory :math:`O(B \cdot I)`, about 2.5x the size of
+    a float32 ``scores`` block plus ``scores`` itself; see :func:`chunk_size_for`).
+
+    Args:
+        scores: ``[B, I]`` float scores of every item for each user of the chunk. Not modified.
+        truth: ``[B, H]`` integer held-out item ids per user, padded with ``-1`` (anywhere in the row). An id may
+            appear at most once per row.
+        ks: cutoffs :math:`K` (positive ints).
+        mask: ``[B, I]`` bool, True = exclude the item from the user's candidates (train items, and valid items
+            when testing). Exclusive with the CSR form.
+        mask_indptr: ``[B + 1]`` CSR row pointers of the items to exclude, rows aligned with the ``B`` users. Row
+            ``r`` owns ``mask_indices[mask_indptr[r]:mask_indptr[r+1]]``, so a row range ``indptr[a:b+1]`` of a
+            bigger CSR can be passed with its full ``indices`` unchanged. Duplicates are harmless.
+        mask_indices: ``[nnz]`` item ids of that CSR.
+        chunk_size: if given, process at most this many rows at a time (bounds the temporaries; ``scores`` itself is
+            already materialised by the caller). The result is identical to the unchunked one.
+
+    Returns:
+        ``{"Recall@K": [B], "NDCG@K": [B], "HR@K": [B]}`` for every K in ``ks``, float32 (NaN for users without
+        held-out items).
+
+    Raises:
+        ValueError: bad shapes/ids, a held-out id listed twice in a row, or a held-out item that is masked.
+    """
+    ks = _check_ks(ks)
+    _check_scores(scores)
+    num_rows = scores.shape[0]
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is None or chunk_size >= num_rows:
+        return _full_ranking_block(scores, truth, ks, mask, mask_indptr, mask_indices)
+
+    truth = torch.as_tensor(truth)
+    if truth.dim() != 2 or truth.shape[0] != num_rows:
+        raise ValueError(f"truth must have shape [B, H] with B = {num_rows}, got {tuple(truth.shape)}")
+    if mask is not None and (mask.dim() != 2 or mask.shape[0] != num_rows):
+        raise ValueError(f"mask must have shape [B, I] with B = {num_rows}, got {tuple(mask.shape)}")
+    if mask_indptr is not None:
+        mask_indptr = torch.as_tensor(mask_indptr)
+        if mask_indptr.dim() != 1 or mask_indptr.numel() != num_rows + 1:
+            raise ValueError(f"mask_indptr must have shape [B + 1] = [{num_rows + 1}], got {tuple(mask_indptr.shape)}")
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, num_rows, chunk_size):
+        stop = min(start + chunk_size, num_rows)
+        parts.append(
+            _full_ranking_block(
+                scores[start:stop],
+                truth[start:stop],
+                ks,
+                None if mask is None else mask[start:stop],
+                None if mask_indptr is None else mask_indptr[start : stop + 1],
+                mask_indices,
+            )
+        )
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def masked_topk(
+    scores: Tensor,
+    k: int,
+    *,
+    mask: Tensor | None = None,
+    mask_indptr: Tensor | None = None,
+    mask_indices: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Top-:math:`K` recommendation lists with masked items removed.
+
+    .. math::
+        \mathrm{top}_K(u) = \operatorname*{arg\,top\text{-}K}_{i \in C_u} s_{u,i}
+
+    Masked items get score :math:`-\infty` (and so does a NaN score) before :func:`torch.topk`; if :math:`K`
+    exceeds the number of candidates the tail of a row holds such :math:`-\infty` entries, which the caller should
+    drop. The order among tied scores is whatever ``torch.topk`` gives (not the pessimistic rule of
+    :func:`full_ranking_metrics`) -- use that function for metrics.
+
+    Args:
+        scores: ``[B, I]`` float scores. Not modified.
+        k: list length, ``1 <= k <= I``.
+        mask: ``[B, I]`` bool, True = exclude. Exclusive with the CSR form.
+        mask_indptr: ``[B + 1]`` CSR row pointers of the items to exclude (see :func:`full_ranking_metrics`).
+        mask_indices: ``[nnz]`` item ids of that CSR.
+
+    Returns:
+        ``(values [B, k], indices [B, k])``, best first; ``values`` are the masked scores (``-inf`` where masked).
+    """
+    _check_scores(scores)
+    num_rows, num_items = scores.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_items:
+        raise ValueError(f"k must be an int in [1, I] = [1, {num_items}], got {k!r}")
+    exclude = _build_mask(num_rows, num_items, scores.device, mask, mask_indptr, mask_indices)
+    masked = torch.where(torch.isnan(scores), -torch.inf, scores)
+    if exclude is not None:
+        masked.masked_fill_(exclude, -torch.inf)
+    return torch.topk(masked, k, dim=1, largest=True, sorted=True)
+
+
+def chunk_size_for(num_items: int, memory_budget_mb: int, bytes_per_score: int = 4, overhead: int = 4) -> int:
+    r"""Rows of users per chunk so that a ``[B, I]`` score block, times an overhead factor, fits a memory budget.
+
+    .. math::
+        B = \max\left(1, \left\lfloor \frac{\text{budget} \cdot 2^{20}}{I \cdot \text{bytes\_per\_score}
+            \cdot \text{overhead}} \right\rfloor\right)
+
+    ``memory_budget_mb`` is in MiB. The default ``overhead = 4`` covers :func:`full_ranking_metrics` on a float32
+    block: the scores themselves, its candidate copy, and three bool ``[B, I]`` tensors.
+
+    Args:
+        num_items: :math:`I`, items per row.
+        memory_budget_mb: budget in MiB for one chunk.
+        bytes_per_score: bytes of one score (4 for float32, 2 for bf16/fp16, 8 for float64).
+        overhead: multiplier for the temporaries built alongside the block.
+
+    Returns:
+        Rows per chunk, at least 1.
+    """
+    for name, value in (
+        ("num_items", num_items),
+        ("memory_budget_mb", memory_budget_mb),
+        ("bytes_per_score", bytes_per_score),
+        ("overhead", overhead),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    per_row = num_items * bytes_per_score * overhead
+    return max(1, int(memory_budget_mb * 2**20 // per_row))
+
+
+def select_csr_rows(indptr: Tensor, indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Sub-CSR of the given rows, in the given order (e.g. a chunk of users' train items from the global CSR).
+
+    .. math::
+        \texttt{out\_indptr}_0 = 0, \quad
+        \texttt{out\_indptr}_{j+1} = \texttt{out\_indptr}_j + (\texttt{indptr}_{r_j + 1} - \texttt{indptr}_{r_j})
+
+    Args:
+        indptr: ``[R + 1]`` row pointers of the source CSR (R rows, e.g. all users).
+        indices: ``[nnz]`` column ids of the source CSR.
+        rows: ``[B]`` row ids to take (repeats allowed).
+
+    Returns:
+        ``(indptr [B + 1], indices [nnz_B])`` int64, on ``indices``' device, ready for ``mask_indptr``/
+        ``mask_indices``.
+    """
+    indptr = torch.as_tensor(indptr).to(torch.int64)
+    indices = torch.as_tensor(indices).to(torch.int64)
+    rows = torch.as_tensor(rows).to(device=indptr.device, dtype=torch.int64)
+    if indptr.dim() != 1 or indptr.numel() < 1 or indices.dim() != 1 or rows.dim() != 1:
+        raise ValueError("indptr [R + 1], indices [nnz] and rows [B] must be 1-D (indptr non-empty)")
+    num_src = indptr.numel() - 1
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_src):
+        raise ValueError(f"rows must lie in [0, {num_src}), got [{int(rows.min())}, {int(rows.max())}]")
+    starts = indptr[rows]
+    counts = indptr[rows + 1] - starts
+    out_indptr = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=indptr.device)
+    torch.cumsum(counts, 0, out=out_indptr[1:])
+    total = int(out_indptr[-1])
+    offsets = torch.arange(total, device=indptr.device) - torch.repeat_interleave(out_indptr[:-1], counts)
+    gather = torch.repeat_interleave(starts, counts) + offsets
+    return out_indptr.to(indices.device), indices[gather.to(indices.device)]

@@ -1,0 +1,62 @@
+"""The interface every base recommender implements, and the shape vocabulary used across rayrec.
+
+Shape letters: ``B`` users (or interaction rows) in a batch, ``C`` candidate items per row, ``I`` all items,
+``U`` all users, ``D`` embedding size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+class Recommender(nn.Module, ABC):
+    """A scoring model over ``num_users`` x ``num_items``.
+
+    Subclasses expose their user/item representations (KD methods read them) and two scoring paths:
+    :meth:`score` for given candidates (sampled protocol, training) and :meth:`score_all` for full ranking.
+    """
+
+    num_users: int
+    num_items: int
+    dim: int
+
+    @abstractmethod
+    def user_repr(self, users: Tensor) -> dict[str, Tensor]:
+        """Named user representations, each ``[B, D]``."""
+
+    @abstractmethod
+    def item_repr(self, items: Tensor) -> dict[str, Tensor]:
+        """Named item representations, each ``[..., D]`` (same leading shape as ``items``)."""
+
+    @abstractmethod
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        """Scores (logits) of ``items`` ``[B, C]`` for ``users`` ``[B]`` -> ``[B, C]``."""
+
+    def score_all(self, users: Tensor, item_chunk: int = 65536) -> Tensor:
+        """Scores of every item for ``users`` ``[B]`` -> ``[B, I]``. Default: :meth:`score` over item chunks."""
+        out = []
+        for start in range(0, self.num_items, item_chunk):
+            items = torch.arange(start, min(start + item_chunk, self.num_items), device=users.device)
+            out.append(self.score(users, items.unsqueeze(0).expand(users.shape[0], -1)))
+        return torch.cat(out, dim=1)  # [B, I]
+
+    @abstractmethod
+    def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
+        """The model's own training loss on ``users`` ``[B]``, positives ``[B]`` and negatives ``[B, N]``."""
+
+    def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        return self.score(users, items)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def reduce(x: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "mean":
+        return x.mean()
+    raise ValueError(f"unknown reduction {reduction!r} (sum | mean)")

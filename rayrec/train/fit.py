@@ -1,0 +1,97 @@
+"""Driver side of training: prepare the data, start/join Ray, run a ``TorchTrainer``, return the summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from rayrec.config import ExperimentConfig, resolve_storage_root
+from rayrec.errors import ConfigError
+
+
+def per_epoch_metric_keys(cfg: ExperimentConfig) -> set[str]:
+    keys = {"train/loss", "train/rows_per_s"}
+    if cfg.eval.sampled:
+        keys |= {f"valid/{m}@{k}" for k in cfg.eval.sampled_ks for m in ("H", "N", "M")}
+    if cfg.eval.full_each_epoch:
+        keys |= {f"full_valid/{m}@{k}" for k in cfg.eval.full_ks for m in ("Recall", "NDCG", "HR")}
+    return keys
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field checks that dataclass validation cannot do alone (raised before Ray starts)."""
+    keys = per_epoch_metric_keys(cfg)
+    if cfg.train.monitor not in keys:
+        raise ConfigError(
+            f"train.monitor={cfg.train.monitor!r} is not computed every epoch; choose one of {sorted(keys)} "
+            f"(full-ranking keys need eval.full_each_epoch=true)"
+        )
+    if cfg.eval.sampled and cfg.data.split == "ratio":
+        raise ConfigError("eval.sampled needs one held-out item per user (data.split loo or derrd), not split=ratio")
+    if cfg.eval.sampled and cfg.data.num_eval_negatives == 0:
+        raise ConfigError("eval.sampled needs data.num_eval_negatives > 0")
+    if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
+        raise ConfigError("ray.use_gpu needs ray.num_workers >= 1")
+
+
+def prepared_root(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.data.prepared_root).resolve() if cfg.data.prepared_root else resolve_storage_root(cfg) / "prepared"
+
+
+def fit(
+    cfg: ExperimentConfig,
+    *,
+    prepared: Path | None = None,
+    resume_from: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` through Ray Train; return rank 0's summary (also in ``summary.json``)."""
+    validate(cfg)
+    from rayrec.data.prepared import prepare
+
+    if prepared is None:
+        prepared = prepare(cfg.data, prepared_root(cfg), progress=progress)
+
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayrec.runtime import init_ray
+    from rayrec.train.loop import train_loop_per_worker
+
+    init_ray(cfg.ray)
+    storage = resolve_storage_root(cfg) / "ray_train"
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # [ray] stream the prepared train interactions; each worker gets an equal shard
+    train_ds = ray.data.read_parquet(str(Path(prepared) / "train"), columns=["user", "item"])
+    rc = cfg.ray
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared), "resume_from": resume_from},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=rc.num_workers,
+            use_gpu=rc.use_gpu,
+            resources_per_worker={"CPU": rc.cpus_per_worker} if rc.num_workers > 0 else None,
+        ),
+        torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo", timeout_s=rc.timeout_s),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        ),
+        datasets={"train": train_ds},
+    )
+    progress(f"[fit] {run_name}: {rc.num_workers} worker(s), data {prepared}")
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = dict(result.return_value or {})
+    summary["run_dir"] = str(result.path)
+    summary["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    summary["prepared"] = str(prepared)
+    summary["config"] = cfg.to_dict()
+    Path(result.path).mkdir(parents=True, exist_ok=True)
+    Path(result.path, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary

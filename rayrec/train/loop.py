@@ -1,0 +1,193 @@
+"""The training loop that runs in every Ray Train worker (teacher, student and, later, distillation).
+
+Per epoch: stream this worker's shard of the train interactions from Ray Data (local shuffle), draw fresh
+negatives in the worker, step the DDP-wrapped model, evaluate on the validation split (users sharded over
+ranks, sums all-reduced), report metrics with a checkpoint, and stop early when ``train.monitor`` has not
+improved for ``train.patience`` epochs. At the end the best epoch's weights are evaluated on valid and test with
+every configured protocol, reported with a final checkpoint, and returned by rank 0 (``Result.return_value``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rayrec.config import ExperimentConfig, build
+from rayrec.eval.evaluate import EvalData, evaluate
+from rayrec.models import build_model
+from rayrec.train.sampling import NegativeSampler, epoch_generator
+from rayrec.train.task import TrainTask
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def _allreduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _save(d: str, model, optim, state: dict, best_weights: dict | None) -> None:
+    torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+    if optim is not None:
+        torch.save(optim.state_dict(), os.path.join(d, "optim.pt"))
+    if best_weights is not None:
+        torch.save(best_weights, os.path.join(d, "best_model.pt"))
+    with open(os.path.join(d, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    import ray.train
+    import ray.train.torch
+
+    from rayrec.data.prepared import load_prepared
+
+    cfg: ExperimentConfig = build(ExperimentConfig, config["cfg"])
+    tc, ec = cfg.train, cfg.eval
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = tc.threads_per_worker or max(1, (os.cpu_count() or 1) // max(world, 1))
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    # [data] prepared split: eval sets + train CSR for negative rejection (each worker loads it once)
+    pd = load_prepared(config["prepared"])
+    evald = EvalData.from_prepared(pd)
+    sampler = NegativeSampler(evald.train.indptr.numpy(), evald.train.indices.numpy(), pd.num_items)
+
+    torch.manual_seed(tc.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std)
+    task = TrainTask(model, reduction=tc.loss_reduction, world_size=world)
+    # [ray] wrap in DDP (gloo on CPU, nccl on GPU) and move to this worker's device
+    task = ray.train.torch.prepare_model(task) if world > 1 else task.to(device)
+    model = task.module.model if hasattr(task, "module") else task.model
+    optim = torch.optim.Adam(task.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    best_weights = None
+    # [ray] resume: this run's latest checkpoint (worker restart) or an explicit one passed by the driver
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
+            if os.path.exists(os.path.join(d, "optim.pt")):
+                optim.load_state_dict(torch.load(os.path.join(d, "optim.pt"), map_location=device))
+            if os.path.exists(os.path.join(d, "best_model.pt")):
+                best_weights = torch.load(os.path.join(d, "best_model.pt"), map_location="cpu")
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+        _log(rank, f"[train] resumed at epoch {state['epoch']} (best {tc.monitor}={state['best']})")
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker_batch = max(1, tc.batch_size // max(world, 1))
+    _log(rank, f"[train] {cfg.model.name} d={cfg.model.dim} params={model.num_parameters():,} "
+               f"workers={world} batch/worker={per_worker_batch} threads/worker={threads}")
+
+    while state["epoch"] < tc.max_epochs and state["bad_epochs"] < tc.patience:
+        epoch = state["epoch"]
+        gen = epoch_generator(tc.seed, epoch, rank)
+        t0 = time.perf_counter()
+        loss_sum, rows, steps = 0.0, 0, 0
+        task.train()
+        # [ray] this worker's shard, re-streamed and locally shuffled every epoch
+        for batch in shard.iter_torch_batches(
+            batch_size=per_worker_batch,
+            dtypes=torch.int64,
+            device="cpu",
+            local_shuffle_buffer_size=tc.shuffle_buffer,
+            local_shuffle_seed=tc.seed * 7919 + epoch,
+        ):
+            users, pos = batch["user"], batch["item"]  # [B], [B]
+            neg = sampler.sample(users, tc.num_negatives, gen)  # [B, N]
+            loss, terms = task(users.to(device), pos.to(device), neg.to(device))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            loss_sum += float(terms["base"])
+            rows += len(users)
+            steps += 1
+        train_s = time.perf_counter() - t0
+        loss_sum, rows, steps = _allreduce_sum([loss_sum, rows, steps])
+        metrics = evaluate(model, evald, "valid", ec, sampled=ec.sampled, full=ec.full_each_epoch, device=device)
+        eval_s = time.perf_counter() - t0 - train_s
+        metrics.update({
+            "epoch": epoch,
+            "train/loss": loss_sum / max(rows, 1),
+            "train/rows_per_s": rows / max(train_s, 1e-9),
+            "time/train_s": train_s,
+            "time/eval_s": eval_s,
+        })
+        value = metrics.get(tc.monitor)
+        if _improved(value, state["best"], tc.monitor_mode):
+            state.update(best=value, best_epoch=epoch, bad_epochs=0)
+            best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        state["history"].append({k: v for k, v in metrics.items()})
+        metrics["best/" + tc.monitor] = state["best"]
+        _log(rank, f"[train] epoch {epoch:4d} | loss {metrics['train/loss']:.4f} | {tc.monitor} {value:.4f} "
+                   f"(best {state['best']:.4f} @ {state['best_epoch']}) | {metrics['train/rows_per_s']:,.0f} rows/s "
+                   f"| train {train_s:.1f}s eval {eval_s:.1f}s")
+        stop = state["bad_epochs"] >= tc.patience or state["epoch"] >= tc.max_epochs
+        # [ray] report (a barrier on every rank) with a checkpoint written by rank 0
+        if (epoch + 1) % tc.checkpoint_every == 0 or stop:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    _save(d, model, optim, state, best_weights)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+
+    # Final: the best epoch's weights on valid and test, every configured protocol.
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    final = {}
+    for split in ("valid", "test"):
+        final.update(evaluate(model, evald, split, ec, device=device))
+    summary = {
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "stopped_early": state["bad_epochs"] >= tc.patience,
+        "monitor": tc.monitor,
+        "best_monitor": state["best"],
+        "metrics": final,
+        "num_parameters": model.num_parameters(),
+        "world_size": world,
+        "timing": {
+            "epoch_train_s": sum(h["time/train_s"] for h in state["history"]) / max(len(state["history"]), 1),
+            "epoch_eval_s": sum(h["time/eval_s"] for h in state["history"]) / max(len(state["history"]), 1),
+            "rows_per_s": sum(h["train/rows_per_s"] for h in state["history"]) / max(len(state["history"]), 1),
+        },
+        "history": state["history"],
+    }
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save(model.state_dict(), os.path.join(d, "best_model.pt"))
+            Path(d, "summary.json").write_text(json.dumps(summary, indent=1))
+        final_metrics = {**{f"final/{k}": v for k, v in final.items()}, "epoch": state["epoch"], "final": 1}
+        ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    return summary if rank == 0 else None

@@ -1,0 +1,402 @@
+"""Tests of rayrec.eval.metrics: hand-computed cases, torchmetrics cross-checks, chunking. Fast and seeded."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchmetrics.retrieval import (
+    RetrievalHitRate,
+    RetrievalMRR,
+    RetrievalNormalizedDCG,
+    RetrievalRecall,
+)
+
+from rayrec.eval import (
+    chunk_size_for,
+    full_ranking_metrics,
+    masked_topk,
+    sampled_metrics,
+    sampled_ranks,
+    select_csr_rows,
+)
+
+T = torch.tensor
+
+
+def approx(x: torch.Tensor | float, expected: list[float] | float, tol: float = 1e-6) -> bool:
+    x = torch.as_tensor(x, dtype=torch.float64)
+    e = torch.as_tensor(expected, dtype=torch.float64)
+    return torch.allclose(x, e, atol=tol, rtol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sampled protocol: hand-computed
+# ------------------------------------------------------------------------------------------------------------------
+def test_sampled_ranks_pessimistic_ties() -> None:
+    pos = T([0.5, 0.5, 1.0, 0.1])
+    neg = T([[0.5, 0.2, 0.9], [0.1, 0.2, 0.3], [0.0, 0.0, 0.0], [0.1, 0.1, 0.1]])
+    ranks = sampled_ranks(pos, neg)
+    assert ranks.dtype == torch.int64
+    # 0.5 vs [0.5 (tie -> above), 0.2, 0.9] -> 3; strictly best -> 1; all tied -> N + 1 = 4
+    assert ranks.tolist() == [3, 1, 1, 4]
+
+
+def test_sampled_ranks_nan_never_helps() -> None:
+    pos = T([float("nan"), 0.5, float("nan")])
+    neg = T([[0.1, 0.2, 0.3], [float("nan"), 0.1, 0.2], [float("nan"), float("nan"), float("nan")]])
+    # NaN positive -> N + 1; a NaN negative counts as above the positive
+    assert sampled_ranks(pos, neg).tolist() == [4, 2, 4]
+
+
+def test_sampled_metrics_exact_values() -> None:
+    ranks = T([1, 2, 3, 5, 11])
+    m = sampled_metrics(ranks, [1, 3, 5, 10])
+    assert set(m) == {f"{n}@{k}" for n in ("H", "N", "M") for k in (1, 3, 5, 10)}
+    assert m["H@1"].tolist() == [1, 0, 0, 0, 0]
+    assert m["H@3"].tolist() == [1, 1, 1, 0, 0]
+    assert m["H@5"].tolist() == [1, 1, 1, 1, 0]
+    assert m["H@10"].tolist() == [1, 1, 1, 1, 0]
+    # 1/log2(2) = 1, 1/log2(3) = 0.6309297535714575, 1/log2(4) = 0.5, 1/log2(6) = 0.3868528072345416
+    assert approx(m["N@1"], [1.0, 0, 0, 0, 0])
+    assert approx(m["N@3"], [1.0, 0.6309297535714575, 0.5, 0, 0])
+    assert approx(m["N@5"], [1.0, 0.6309297535714575, 0.5, 0.3868528072345416, 0])
+    assert approx(m["M@3"], [1.0, 0.5, 1 / 3, 0, 0])
+    assert approx(m["M@10"], [1.0, 0.5, 1 / 3, 0.2, 0])
+    for v in m.values():
+        assert v.shape == (5,) and v.dtype == torch.float32
+
+
+def test_sampled_constant_model_scores_zero() -> None:
+    torch.manual_seed(0)
+    b, n = 16, 100
+    ranks = sampled_ranks(torch.full((b,), 0.3), torch.full((b, n), 0.3))
+    assert (ranks == n + 1).all()
+    for key, v in sampled_metrics(ranks, [1, 10, 50, 100]).items():
+        assert (v == 0).all(), key
+
+
+def test_sampled_input_validation() -> None:
+    with pytest.raises(ValueError):
+        sampled_ranks(T([0.1, 0.2]), T([[0.1, 0.2]]))
+    with pytest.raises(ValueError):
+        sampled_metrics(T([0, 1]), [1])
+    with pytest.raises(ValueError):
+        sampled_metrics(T([1, 2]), [0])
+    with pytest.raises(ValueError):
+        sampled_metrics(T([1, 2]), [])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# full-ranking protocol: hand-computed
+# ------------------------------------------------------------------------------------------------------------------
+def test_full_two_heldout_items_hand_computed() -> None:
+    # 6 items, held-out {1, 4}; ranking by score: 0 (0.9), 4 (0.8), 2 (0.7), 5 (0.6), 1 (0.5), 3 (0.1)
+    scores = T([[0.9, 0.5, 0.7, 0.1, 0.8, 0.6]])
+    truth = T([[1, 4]])
+    m = full_ranking_metrics(scores, truth, [1, 2, 5, 6])
+    # positions: item 4 -> 2, item 1 -> 5
+    assert m["Recall@1"].tolist() == [0.0]
+    assert m["HR@1"].tolist() == [0.0]
+    assert m["NDCG@1"].tolist() == [0.0]
+    assert approx(m["Recall@2"], [0.5])
+    assert m["HR@2"].tolist() == [1.0]
+    # DCG@2 = 1/log2(3); IDCG over min(2, 2) = 1 + 1/log2(3)
+    assert approx(m["NDCG@2"], [(1 / math.log2(3)) / (1 + 1 / math.log2(3))])
+    assert approx(m["Recall@5"], [1.0])
+    # DCG@5 = 1/log2(3) + 1/log2(6); IDCG = 1 + 1/log2(3)
+    expected5 = (1 / math.log2(3) + 1 / math.log2(6)) / (1 + 1 / math.log2(3))
+    assert approx(m["NDCG@5"], [expected5])
+    assert approx(m["NDCG@6"], [expected5])
+
+
+def test_full_idcg_uses_min_gt_k() -> None:
+    # 3 held-out items, K = 1: the item at position 1 gives NDCG@1 = 1 (IDCG over min(3, 1) = 1 term)
+    scores = T([[0.9, 0.1, 0.2, 0.8, 0.7]])
+    truth = T([[0, 1, 2]])
+    m = full_ranking_metrics(scores, truth, [1, 2])
+    assert approx(m["NDCG@1"], [1.0])
+    assert approx(m["Recall@1"], [1 / 3])
+    # positions 1, 4, 5 (items 0, 2, 1 with 3 and 4 in between); NDCG@2 = 1 / (1 + 1/log2 3)
+    assert approx(m["NDCG@2"], [1.0 / (1 + 1 / math.log2(3))])
+    assert approx(m["Recall@2"], [1 / 3])
+
+
+def test_full_constant_model_gets_no_hits() -> None:
+    # held-out items at the smallest ids: an ordinary topk/argsort would put them first
+    b, i = 4, 50
+    scores = torch.zeros(b, i)
+    truth = T([[0, 1], [0, -1], [2, 3], [0, 1]])
+    train = torch.zeros(b, i, dtype=torch.bool)
+    train[:, 10:15] = True
+    m = full_ranking_metrics(scores, truth, [1, 5, 10, 20], mask=train)
+    for key, v in m.items():
+        assert (v == 0).all(), (key, v)
+    # and the positions are the worst ones: 45 candidates -> held-out items at 44 and 45 (two of them) or 45
+    m45 = full_ranking_metrics(scores, truth, [44, 45])
+    assert m45 is not None
+    m = full_ranking_metrics(scores, truth, [44, 45], mask=train)
+    assert approx(m["Recall@44"], [0.5, 0.0, 0.5, 0.5])
+    assert approx(m["Recall@45"], [1.0, 1.0, 1.0, 1.0])
+
+
+def test_full_ties_with_other_items_are_pessimistic() -> None:
+    # held-out item 2 tied with item 0 and 3 (0.5) and below item 1 (0.9) -> position 4
+    scores = T([[0.5, 0.9, 0.5, 0.5, 0.1]])
+    truth = T([[2]])
+    m = full_ranking_metrics(scores, truth, [3, 4])
+    assert m["HR@3"].tolist() == [0.0]
+    assert m["HR@4"].tolist() == [1.0]
+    assert approx(m["NDCG@4"], [1 / math.log2(5)])
+
+
+def test_full_tied_heldout_items_take_consecutive_positions() -> None:
+    # two held-out items tied with each other and above everything else -> positions 1 and 2, perfect NDCG
+    scores = T([[0.9, 0.9, 0.1, 0.2]])
+    m = full_ranking_metrics(scores, T([[1, 0]]), [1, 2])
+    assert approx(m["NDCG@2"], [1.0])
+    assert approx(m["Recall@1"], [0.5])
+    assert approx(m["NDCG@1"], [1.0])
+
+
+def test_full_masking_removes_items_above() -> None:
+    scores = T([[0.9, 0.8, 0.3, 0.2], [0.9, 0.8, 0.3, 0.2]])
+    truth = T([[1], [1]])
+    mask = T([[True, False, False, False], [False, False, False, False]])
+    m = full_ranking_metrics(scores, truth, [1], mask=mask)
+    assert m["HR@1"].tolist() == [1.0, 0.0]
+    assert approx(m["NDCG@1"], [1.0, 0.0])
+    # same with the CSR form (duplicates allowed)
+    m_csr = full_ranking_metrics(scores, truth, [1], mask_indptr=T([0, 2, 2]), mask_indices=T([0, 0]))
+    assert m_csr["HR@1"].tolist() == [1.0, 0.0]
+
+
+def test_full_masked_items_tied_at_minus_inf_do_not_count() -> None:
+    # a held-out item scored -inf is still placed above masked items (they are not candidates at all)
+    scores = T([[float("-inf"), 0.0, float("-inf")]])
+    mask = T([[False, True, True]])
+    m = full_ranking_metrics(scores, T([[0]]), [1], mask=mask)
+    assert m["HR@1"].tolist() == [1.0]
+
+
+def test_full_nan_scores_never_help() -> None:
+    nan = float("nan")
+    scores = T([[nan, 0.1, 0.2], [0.9, nan, 0.2]])
+    m = full_ranking_metrics(scores, T([[0], [0]]), [1, 2, 3])
+    # row 0: NaN held-out -> last (3); row 1: NaN candidate above the held-out -> 2
+    assert m["HR@2"].tolist() == [0.0, 1.0]
+    assert m["HR@1"].tolist() == [0.0, 0.0]
+    assert m["HR@3"].tolist() == [1.0, 1.0]
+
+
+def test_full_users_without_truth_are_nan() -> None:
+    scores = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
+    truth = T([[-1, -1], [3, -1], [-1, -1]])
+    m = full_ranking_metrics(scores, truth, [5])
+    for v in m.values():
+        assert torch.isnan(v[0]) and torch.isnan(v[2]) and not torch.isnan(v[1])
+    # no held-out column at all
+    m0 = full_ranking_metrics(scores, torch.empty(3, 0, dtype=torch.int64), [5])
+    assert all(torch.isnan(v).all() for v in m0.values())
+
+
+def test_full_padding_anywhere_in_row() -> None:
+    scores = torch.rand(2, 20, generator=torch.Generator().manual_seed(1))
+    a = full_ranking_metrics(scores, T([[4, 7, -1], [2, -1, -1]]), [1, 5, 10])
+    b = full_ranking_metrics(scores, T([[-1, 4, 7], [-1, -1, 2]]), [1, 5, 10])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_full_input_validation() -> None:
+    scores = torch.rand(2, 5)
+    with pytest.raises(ValueError, match="masked"):
+        full_ranking_metrics(scores, T([[1], [2]]), [1], mask_indptr=T([0, 1, 1]), mask_indices=T([1]))
+    with pytest.raises(ValueError, match="twice"):
+        full_ranking_metrics(scores, T([[1, 1], [2, -1]]), [1])
+    with pytest.raises(ValueError):
+        full_ranking_metrics(scores, T([[5], [2]]), [1])  # out of range
+    with pytest.raises(ValueError):
+        full_ranking_metrics(scores, T([[-2], [2]]), [1])  # bad padding
+    with pytest.raises(ValueError):
+        full_ranking_metrics(scores, T([[1], [2]]), [1], mask=torch.zeros(2, 5, dtype=torch.bool),
+                             mask_indptr=T([0, 0, 0]), mask_indices=T([], dtype=torch.int64))
+    with pytest.raises(ValueError):
+        full_ranking_metrics(scores, T([[1], [2]]), [1], mask_indptr=T([0, 1]), mask_indices=T([0]))
+    with pytest.raises(ValueError):
+        full_ranking_metrics(scores, T([[1], [2]]), [1], mask_indptr=T([0, 1, 1]), mask_indices=T([9]))
+
+
+def test_full_does_not_modify_inputs() -> None:
+    scores = T([[0.3, float("nan"), 0.1]])
+    mask = T([[False, False, True]])
+    s0, m0 = scores.clone(), mask.clone()
+    full_ranking_metrics(scores, T([[0]]), [1], mask=mask)
+    masked_topk(scores, 2, mask=mask)
+    assert torch.equal(scores.isnan(), s0.isnan()) and torch.equal(scores.nan_to_num(), s0.nan_to_num())
+    assert torch.equal(mask, m0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torchmetrics cross-checks (continuous random scores: no ties)
+# ------------------------------------------------------------------------------------------------------------------
+def _random_full_case(seed: int, b: int = 12, i: int = 60, h_max: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(b, i, generator=g)
+    truth = torch.full((b, h_max), -1, dtype=torch.int64)
+    mask = torch.zeros(b, i, dtype=torch.bool)
+    for u in range(b):
+        perm = torch.randperm(i, generator=g)
+        n_gt = 1 + int(torch.randint(h_max, (1,), generator=g))
+        n_mask = int(torch.randint(15, (1,), generator=g))
+        truth[u, :n_gt] = perm[:n_gt]
+        mask[u, perm[n_gt : n_gt + n_mask]] = True
+    return scores, truth, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_matches_torchmetrics(seed: int) -> None:
+    scores, truth, mask = _random_full_case(seed)
+    ks = [1, 3, 5, 10, 20]
+    ours = full_ranking_metrics(scores, truth, ks, mask=mask)
+    for k in ks:
+        ref = {
+            f"Recall@{k}": RetrievalRecall(top_k=k),
+            f"NDCG@{k}": RetrievalNormalizedDCG(top_k=k),
+            f"HR@{k}": RetrievalHitRate(top_k=k),
+        }
+        for name, metric in ref.items():
+            per_user = []
+            for u in range(scores.shape[0]):
+                keep = ~mask[u]  # masked items are not candidates
+                target = torch.zeros(scores.shape[1], dtype=torch.bool)
+                target[truth[u][truth[u] >= 0]] = True
+                preds, tgt = scores[u][keep], target[keep]
+                metric.reset()
+                per_user.append(float(metric(preds, tgt, indexes=torch.zeros_like(tgt, dtype=torch.long))))
+            assert approx(ours[name], per_user), (name, ours[name], per_user)
+
+            # and the mean over all users through one metric state with `indexes`
+            metric.reset()
+            keep = ~mask
+            target = torch.zeros_like(mask)
+            rows = torch.arange(scores.shape[0]).unsqueeze(1).expand_as(truth)
+            target[rows[truth >= 0], truth[truth >= 0]] = True
+            idx = torch.arange(scores.shape[0]).unsqueeze(1).expand_as(scores)
+            mean_ref = metric(scores[keep], target[keep], indexes=idx[keep])
+            assert approx(ours[name].mean(), float(mean_ref)), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampled_matches_torchmetrics(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    b, n = 20, 30
+    pos = torch.rand(b, generator=g)
+    neg = torch.rand(b, n, generator=g)
+    ranks = sampled_ranks(pos, neg)
+    # rank = 1 + #negatives above, computed independently by sorting the candidate list
+    lists = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    order = torch.argsort(lists, dim=1, descending=True)
+    assert ranks.tolist() == [int((order[u] == 0).nonzero()) + 1 for u in range(b)]
+
+    ks = [1, 5, 10, n + 1]
+    ours = sampled_metrics(ranks, ks)
+    target = torch.zeros(b, n + 1, dtype=torch.bool)
+    target[:, 0] = True
+    idx = torch.arange(b).unsqueeze(1).expand(b, n + 1)
+    for k in ks:
+        for key, metric in ((f"H@{k}", RetrievalHitRate(top_k=k)), (f"N@{k}", RetrievalNormalizedDCG(top_k=k))):
+            per_user = [float(metric(lists[u], target[u], indexes=idx[u])) for u in range(b) if not metric.reset()]
+            assert approx(ours[key], per_user), key
+            metric.reset()
+            assert approx(ours[key].mean(), float(metric(lists.flatten(), target.flatten(), indexes=idx.flatten())))
+    # torchmetrics 1.0.3's RetrievalMRR has no top_k: compare only the uncut M@(N+1)
+    mrr = RetrievalMRR()
+    assert approx(ours[f"M@{n + 1}"].mean(), float(mrr(lists.flatten(), target.flatten(), indexes=idx.flatten())))
+
+
+def test_torchmetrics_is_not_pessimistic_on_ties() -> None:
+    """Documents the convention difference: torchmetrics breaks ties by argsort order, we count them against."""
+    preds = torch.zeros(5)
+    target = T([True, False, False, False, False])
+    ours = full_ranking_metrics(preds.unsqueeze(0), T([[0]]), [1])
+    assert ours["HR@1"].item() == 0.0
+    # torchmetrics' value depends on argsort's tie order (often 1.0 here); only check it is a valid value
+    tm = float(RetrievalHitRate(top_k=1)(preds, target, indexes=torch.zeros(5, dtype=torch.long)))
+    assert tm in (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# chunking, CSR helpers, topk
+# ------------------------------------------------------------------------------------------------------------------
+def test_chunked_equals_unchunked() -> None:
+    g = torch.Generator().manual_seed(7)
+    b, i, h = 257, 300, 6
+    scores = torch.rand(b, i, generator=g)
+    scores[:, :50] = torch.round(scores[:, :50] * 4) / 4  # some ties, too
+    truth = torch.full((b, h), -1, dtype=torch.int64)
+    indptr = [0]
+    indices: list[int] = []
+    for u in range(b):
+        perm = torch.randperm(i, generator=g)
+        n_gt = int(torch.randint(h + 1, (1,), generator=g))  # 0 allowed -> NaN rows
+        n_mask = int(torch.randint(40, (1,), generator=g))
+        truth[u, :n_gt] = perm[:n_gt]
+        indices.extend(sorted(perm[n_gt : n_gt + n_mask].tolist()))
+        indptr.append(len(indices))
+    indptr_t, indices_t = T(indptr), T(indices)
+    ks = [1, 10, 50]
+    full = full_ranking_metrics(scores, truth, ks, mask_indptr=indptr_t, mask_indices=indices_t)
+    for cs in (1, 7, 64, 256, 1000):
+        chunked = full_ranking_metrics(scores, truth, ks, mask_indptr=indptr_t, mask_indices=indices_t, chunk_size=cs)
+        for key in full:
+            assert torch.equal(full[key].isnan(), chunked[key].isnan()), (cs, key)
+            assert torch.equal(full[key].nan_to_num(), chunked[key].nan_to_num()), (cs, key)
+
+    # caller-side chunking with select_csr_rows and the boolean-mask form agree too
+    dense = torch.zeros(b, i, dtype=torch.bool)
+    for u in range(b):
+        dense[u, indices_t[indptr[u] : indptr[u + 1]]] = True
+    via_dense = full_ranking_metrics(scores, truth, ks, mask=dense)
+    parts = []
+    for start in range(0, b, 50):
+        rows = torch.arange(start, min(start + 50, b))
+        sub_ptr, sub_idx = select_csr_rows(indptr_t, indices_t, rows)
+        parts.append(full_ranking_metrics(scores[rows], truth[rows], ks, mask_indptr=sub_ptr, mask_indices=sub_idx))
+    for key in full:
+        caller = torch.cat([p[key] for p in parts])
+        for other in (via_dense[key], caller):
+            assert torch.equal(full[key].nan_to_num(-1.0), other.nan_to_num(-1.0)), key
+
+
+def test_select_csr_rows() -> None:
+    indptr, indices = T([0, 2, 2, 5]), T([1, 3, 0, 2, 4])
+    p, ix = select_csr_rows(indptr, indices, T([2, 0, 1, 2]))
+    assert p.tolist() == [0, 3, 5, 5, 8]
+    assert ix.tolist() == [0, 2, 4, 1, 3, 0, 2, 4]
+    p, ix = select_csr_rows(indptr, indices, T([], dtype=torch.int64))
+    assert p.tolist() == [0] and ix.tolist() == []
+
+
+def test_masked_topk() -> None:
+    scores = T([[0.1, 0.9, 0.5, float("nan"), 0.7]])
+    vals, idx = masked_topk(scores, 3, mask_indptr=T([0, 1]), mask_indices=T([1]))
+    assert idx.tolist() == [[4, 2, 0]]
+    assert approx(vals, [[0.7, 0.5, 0.1]])
+    vals, idx = masked_topk(scores, 5, mask=T([[False, True, False, False, False]]))
+    assert idx[0, :3].tolist() == [4, 2, 0]
+    assert torch.isneginf(vals[0, 3:]).all()
+    with pytest.raises(ValueError):
+        masked_topk(scores, 6)
+
+
+def test_chunk_size_for() -> None:
+    # 1 MiB / (1024 items * 4 B * 4) = 64 rows
+    assert chunk_size_for(1024, 1) == 64
+    assert chunk_size_for(1024, 1, bytes_per_score=2, overhead=1) == 512
+    assert chunk_size_for(10**9, 1) == 1  # never below 1
+    with pytest.raises(ValueError):
+        chunk_size_for(0, 1)
+    with pytest.raises(ValueError):
+        chunk_size_for(10, 0)
