@@ -47,7 +47,8 @@ def init_ray(rc: RayConfig) -> dict:
             ray.init(
                 num_cpus=ncpu,
                 object_store_memory=rc.object_store_mb * 1024 * 1024,
-                include_dashboard=False,
+                include_dashboard=True,  # the State API (used by Ray Train's clean-up) lives in the dashboard
+                dashboard_host="127.0.0.1",
                 **quiet,
             )
     from ray.data import DataContext
@@ -55,6 +56,19 @@ def init_ray(rc: RayConfig) -> dict:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
+    quiet_ray_loggers()
     res = ray.cluster_resources()
     check_resources(rc, float(res.get("CPU", 0)))
     return res
+
+
+def quiet_ray_loggers() -> None:
+    """Keep Ray Train/Data INFO chatter (every report, every checkpoint) out of the user's progress lines."""
+    for name in ("ray.train", "ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # Ray 2.60 names this logger by file path, outside "ray.train", so LoggingConfig does not reach it
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - other Ray versions
+        pass

@@ -42,6 +42,10 @@ __all__ = [
     "select_csr_rows",
 ]
 
+#: What the ``mask`` argument accepts: a bool ``[B, I]`` tensor (True = exclude), a CSR ``(indptr [B + 1],
+#: indices [nnz])`` pair of the items to exclude, or ``None`` for no exclusion.
+Mask = Tensor | tuple[Tensor, Tensor] | None
+
 #: Dtype of the per-user metric values both protocols return (computed in float64, stored as float32).
 METRIC_DTYPE = torch.float32
 
@@ -74,13 +78,18 @@ def _build_mask(
     num_rows: int,
     num_items: int,
     device: torch.device,
-    mask: Tensor | None,
+    mask: Mask,
     mask_indptr: Tensor | None,
     mask_indices: Tensor | None,
 ) -> Tensor | None:
     """Returns the boolean ``[B, I]`` exclusion mask (a fresh tensor, never the caller's), or ``None`` for none."""
     if mask is not None and (mask_indptr is not None or mask_indices is not None):
-        raise ValueError("give either a boolean mask or mask_indptr/mask_indices (CSR), not both")
+        raise ValueError("give the mask either positionally or as mask_indptr/mask_indices, not both")
+    if isinstance(mask, (tuple, list)):
+        if len(mask) != 2:
+            raise ValueError("a CSR mask must be an (indptr, indices) pair")
+        mask_indptr, mask_indices = mask
+        mask = None
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise ValueError("mask must be a boolean tensor of shape [B, I]")
@@ -110,7 +119,9 @@ def _build_mask(
     cols = indices[int(indptr[0]) : int(indptr[-1])]
     if cols.numel():
         if int(cols.min()) < 0 or int(cols.max()) >= num_items:
-            raise ValueError(f"mask_indices must lie in [0, I) = [0, {num_items}), got [{int(cols.min())}, {int(cols.max())}]")
+            raise ValueError(
+                f"mask_indices must lie in [0, I) = [0, {num_items}), got [{int(cols.min())}, {int(cols.max())}]"
+            )
         rows = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
         out[rows, cols] = True
     return out
@@ -216,7 +227,8 @@ def sampled_metrics(ranks: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
 def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, valid: Tensor) -> Tensor:
     """``[B, H]`` int64 pessimistic positions of the held-out items (garbage where ``valid`` is False).
 
-    Memory: one ``[B, I]`` copy of ``scores``, two ``[B, I]`` bool tensors and one ``[B, I]`` bool temporary.
+    Memory besides ``scores``: one ``[B, I]`` copy of it and up to four ``[B, I]`` bool tensors (the caller's
+    exclusion mask, the held-out mask, a NaN temporary and the reused comparison buffer).
     """
     num_rows, num_items = scores.shape
     device = scores.device
@@ -240,12 +252,15 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
     num_cols = truth.shape[1]
     col = torch.arange(num_cols, device=device)
     pos = torch.ones(num_rows, num_cols, dtype=torch.int64, device=device)
+    cmp = torch.empty(num_rows, num_items, dtype=torch.bool, device=device)  # reused [B, I] comparison buffer
+    count_dtype = torch.int32 if num_items < 2**31 else torch.int64  # int32 sums are markedly faster on CPU
     for h in range(num_cols):
         if not bool(valid[:, h].any()):
             continue
         s = th[:, h : h + 1]  # [B, 1]; NaN on padded rows -> every comparison False
         # unmasked non-held-out items with score >= s_h (ties pessimistic)
-        pos[:, h] += (other >= s).sum(dim=1)
+        torch.ge(other, s, out=cmp)
+        pos[:, h] += cmp.sum(dim=1, dtype=count_dtype)
         # other held-out items with a higher score, or an equal score and an earlier column
         before = (th > s) | ((th == s) & (col < h))
         pos[:, h] += before.sum(dim=1)
@@ -283,9 +298,9 @@ def _full_metrics_from_positions(pos: Tensor, valid: Tensor, ks: list[int]) -> d
 
 def _full_ranking_block(
     scores: Tensor,
+    mask: Mask,
     truth: Tensor,
     ks: list[int],
-    mask: Tensor | None,
     mask_indptr: Tensor | None,
     mask_indices: Tensor | None,
 ) -> dict[str, Tensor]:
@@ -306,10 +321,10 @@ def _full_ranking_block(
 
 def full_ranking_metrics(
     scores: Tensor,
+    mask: Mask,
     truth: Tensor,
     ks: Sequence[int],
     *,
-    mask: Tensor | None = None,
     mask_indptr: Tensor | None = None,
     mask_indices: Tensor | None = None,
     chunk_size: int | None = None,
@@ -323,7 +338,8 @@ def full_ranking_metrics(
     .. math::
         p_{u,h} = 1 + \left|\{ i \in C_u : s_{u,i} > s_{u,h} \}\right|
                     + \left|\{ i \in C_u \setminus T_u : s_{u,i} = s_{u,h} \}\right|
-                    + \left|\{ g \in T_u : s_{u,g} = s_{u,h},\ g \text{ before } h \text{ in } \texttt{truth}_u \}\right|
+                    + \left|\{ g \in T_u : s_{u,g} = s_{u,h},\ g \text{ before } h
+                                \text{ in } \texttt{truth}_u \}\right|
 
     .. math::
         \mathrm{Recall@K}_u = \frac{\sum_{h \in T_u} \mathbb{1}[p_{u,h} \le K]}{|T_u|}, \qquad
@@ -342,15 +358,16 @@ def full_ranking_metrics(
 
     Args:
         scores: ``[B, I]`` float scores of every item for each user of the chunk. Not modified.
+        mask: the items to exclude from each user's candidates (train items, and valid items when testing), either
+            a bool ``[B, I]`` tensor (True = exclude) or a CSR pair ``(indptr [B + 1], indices [nnz])`` with rows
+            aligned with the ``B`` users, or ``None``. In the CSR form row ``r`` owns
+            ``indices[indptr[r]:indptr[r+1]]``, so a row range ``indptr[a:b+1]`` of a bigger CSR can be passed with
+            its full ``indices`` unchanged; duplicates are harmless.
         truth: ``[B, H]`` integer held-out item ids per user, padded with ``-1`` (anywhere in the row). An id may
             appear at most once per row.
         ks: cutoffs :math:`K` (positive ints).
-        mask: ``[B, I]`` bool, True = exclude the item from the user's candidates (train items, and valid items
-            when testing). Exclusive with the CSR form.
-        mask_indptr: ``[B + 1]`` CSR row pointers of the items to exclude, rows aligned with the ``B`` users. Row
-            ``r`` owns ``mask_indices[mask_indptr[r]:mask_indptr[r+1]]``, so a row range ``indptr[a:b+1]`` of a
-            bigger CSR can be passed with its full ``indices`` unchanged. Duplicates are harmless.
-        mask_indices: ``[nnz]`` item ids of that CSR.
+        mask_indptr: keyword alternative to a CSR ``mask`` (then ``mask`` must be ``None``).
+        mask_indices: keyword alternative to a CSR ``mask``, with ``mask_indptr``.
         chunk_size: if given, process at most this many rows at a time (bounds the temporaries; ``scores`` itself is
             already materialised by the caller). The result is identical to the unchunked one.
 
@@ -367,26 +384,36 @@ def full_ranking_metrics(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if chunk_size is None or chunk_size >= num_rows:
-        return _full_ranking_block(scores, truth, ks, mask, mask_indptr, mask_indices)
+        return _full_ranking_block(scores, mask, truth, ks, mask_indptr, mask_indices)
+
+    if isinstance(mask, (tuple, list)):
+        if mask_indptr is not None or mask_indices is not None:
+            raise ValueError("give the mask either positionally or as mask_indptr/mask_indices, not both")
+        if len(mask) != 2:
+            raise ValueError("a CSR mask must be an (indptr, indices) pair")
+        mask_indptr, mask_indices = mask
+        mask = None
 
     truth = torch.as_tensor(truth)
     if truth.dim() != 2 or truth.shape[0] != num_rows:
         raise ValueError(f"truth must have shape [B, H] with B = {num_rows}, got {tuple(truth.shape)}")
-    if mask is not None and (mask.dim() != 2 or mask.shape[0] != num_rows):
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != num_rows):
         raise ValueError(f"mask must have shape [B, I] with B = {num_rows}, got {tuple(mask.shape)}")
     if mask_indptr is not None:
         mask_indptr = torch.as_tensor(mask_indptr)
         if mask_indptr.dim() != 1 or mask_indptr.numel() != num_rows + 1:
-            raise ValueError(f"mask_indptr must have shape [B + 1] = [{num_rows + 1}], got {tuple(mask_indptr.shape)}")
+            raise ValueError(
+                f"mask_indptr must have shape [B + 1] = [{num_rows + 1}], got {tuple(mask_indptr.shape)}"
+            )
     parts: list[dict[str, Tensor]] = []
     for start in range(0, num_rows, chunk_size):
         stop = min(start + chunk_size, num_rows)
         parts.append(
             _full_ranking_block(
                 scores[start:stop],
+                None if mask is None else mask[start:stop],
                 truth[start:stop],
                 ks,
-                None if mask is None else mask[start:stop],
                 None if mask_indptr is None else mask_indptr[start : stop + 1],
                 mask_indices,
             )
@@ -396,9 +423,9 @@ def full_ranking_metrics(
 
 def masked_topk(
     scores: Tensor,
+    mask: Mask,
     k: int,
     *,
-    mask: Tensor | None = None,
     mask_indptr: Tensor | None = None,
     mask_indices: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -414,10 +441,11 @@ def masked_topk(
 
     Args:
         scores: ``[B, I]`` float scores. Not modified.
+        mask: bool ``[B, I]`` (True = exclude), CSR pair ``(indptr [B + 1], indices [nnz])`` or ``None``
+            (see :func:`full_ranking_metrics`).
         k: list length, ``1 <= k <= I``.
-        mask: ``[B, I]`` bool, True = exclude. Exclusive with the CSR form.
-        mask_indptr: ``[B + 1]`` CSR row pointers of the items to exclude (see :func:`full_ranking_metrics`).
-        mask_indices: ``[nnz]`` item ids of that CSR.
+        mask_indptr: keyword alternative to a CSR ``mask``.
+        mask_indices: keyword alternative to a CSR ``mask``.
 
     Returns:
         ``(values [B, k], indices [B, k])``, best first; ``values`` are the masked scores (``-inf`` where masked).

@@ -65,7 +65,17 @@ def fit(
     storage = resolve_storage_root(cfg) / "ray_train"
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # [ray] stream the prepared train interactions; each worker gets an equal shard
+    tc = cfg.train
     train_ds = ray.data.read_parquet(str(Path(prepared) / "train"), columns=["user", "item"])
+    if tc.shuffle == "blocks":  # one full shuffle up front, so blocks are random subsets of the rows
+        train_ds = train_ds.random_shuffle(seed=tc.seed)
+    if tc.materialize:  # read once; every epoch then streams from the object store (~0.2 s vs ~3 s per epoch)
+        train_ds = train_ds.repartition(tc.read_blocks).materialize()
+    seed = ray.data.RandomSeedConfig(seed=tc.seed, reseed_after_execution=True)  # new order every epoch, reproducible
+    if tc.shuffle == "global":
+        train_ds = train_ds.random_shuffle(seed=seed)
+    elif tc.shuffle == "blocks":
+        train_ds = train_ds.randomize_block_order(seed=seed)
     rc = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -80,6 +90,9 @@ def fit(
             name=run_name,
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own per-epoch lines are the progress
+            # print() in workers goes straight to the driver (Ray's print patch would log every line twice)
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": train_ds},
     )

@@ -63,6 +63,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     from rayrec.data.prepared import load_prepared
 
+    from rayrec.runtime import quiet_ray_loggers
+
+    quiet_ray_loggers()
     cfg: ExperimentConfig = build(ExperimentConfig, config["cfg"])
     tc, ec = cfg.train, cfg.eval
     ctx = ray.train.get_context()
@@ -117,8 +120,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             batch_size=per_worker_batch,
             dtypes=torch.int64,
             device="cpu",
-            local_shuffle_buffer_size=tc.shuffle_buffer,
-            local_shuffle_seed=tc.seed * 7919 + epoch,
+            local_shuffle_buffer_size=tc.shuffle_buffer if tc.shuffle == "blocks" else None,
+            local_shuffle_seed=tc.seed * 7919 + epoch if tc.shuffle == "blocks" else None,
         ):
             users, pos = batch["user"], batch["item"]  # [B], [B]
             neg = sampler.sample(users, tc.num_negatives, gen)  # [B, N]
