@@ -57,13 +57,15 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
-def write_result(name: str, rows: list[dict], command: str | None = None, path: Path | None = None) -> Path:
+def write_result(name: str, rows: list[dict], command: str | None = None, path: Path | None = None,
+                 commit_sha: str | None = None) -> Path:
+    """Write a result file atomically. Pass ``commit_sha`` captured when the run *started*."""
     path = path or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
         "command": command or command_line(),
-        "commit": commit(),
+        "commit": commit_sha or commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "rows": rows,
