@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from rayrec.cli import run_job  # noqa: E402
 from rayrec.config import parse_cli  # noqa: E402
 from rayrec.report import default_metric_keys, metrics_table  # noqa: E402
 from rayrec.train.fit import fit  # noqa: E402
@@ -32,4 +33,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

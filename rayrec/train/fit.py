@@ -66,7 +66,7 @@ def fit(
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # [ray] stream the prepared train interactions; each worker gets an equal shard
     tc = cfg.train
-    train_ds = ray.data.read_parquet(str(Path(prepared) / "train"), columns=["user", "item"])
+    train_ds = ray.data.read_parquet(str(Path(prepared) / "train")).select_columns(["user", "item"])
     if tc.shuffle == "blocks":  # one full shuffle up front, so blocks are random subsets of the rows
         train_ds = train_ds.random_shuffle(seed=tc.seed)
     if tc.materialize:  # read once; every epoch then streams from the object store (~0.2 s vs ~3 s per epoch)
@@ -101,10 +101,12 @@ def fit(
     if result.error is not None:
         raise result.error
     summary = dict(result.return_value or {})
-    summary["run_dir"] = str(result.path)
+    # local mode (num_workers=0) persists no checkpoints and has no run path: keep the summary beside the others
+    run_dir = Path(result.path) if result.path else storage / run_name
+    summary["run_dir"] = str(run_dir)
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
     summary["prepared"] = str(prepared)
     summary["config"] = cfg.to_dict()
-    Path(result.path).mkdir(parents=True, exist_ok=True)
-    Path(result.path, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
