@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> Path:
             },
         })
         table[f"bpr_d{dim}"] = m
-    out = write_result("bpr_citeulike", rows, command=command_line(),
+    out = write_result("bpr_citeulike", rows, command=command_line(__file__, argv),
                        path=(RESULTS / "smoke" / "bpr_citeulike.json") if args.smoke else None, commit_sha=sha)
     print(metrics_table(table, KEYS))
     print(f"\nwrote {out}")

@@ -53,18 +53,21 @@ def machine() -> dict:
     return info
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that reproduces a result: ``script`` with ``argv`` (default: this process's arguments)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["RAYREC_DATA=../shared/data", ".venv/bin/python",
+                                               os.path.relpath(script, REPO), *args])
 
 
-def write_result(name: str, rows: list[dict], command: str | None = None, path: Path | None = None,
+def write_result(name: str, rows: list[dict], command: str, path: Path | None = None,
                  commit_sha: str | None = None) -> Path:
     """Write a result file atomically. Pass ``commit_sha`` captured when the run *started*."""
     path = path or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
-        "command": command or command_line(),
+        "command": command,
         "commit": commit_sha or commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),

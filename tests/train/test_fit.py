@@ -85,3 +85,11 @@ def test_config_errors_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="deadlock"):
         check_resources(RayConfig(num_workers=2, cpus_per_worker=1.0), num_cpus=2)
     check_resources(RayConfig(num_workers=2, cpus_per_worker=1.0), num_cpus=4)
+
+
+def test_neumf_bce_trains_in_local_mode(ray_session, prepared, tmp_path):
+    cfg = _cfg(tmp_path, "model.name=neumf", "model.dim=8", "train.max_epochs=2", "ray.num_workers=0")
+    s = fit(cfg, prepared=prepared)
+    assert s["num_parameters"] == 2 * (938 + 1447) * 8 + (2 * 8 * 8 + 8) + (2 * 8 + 1)
+    assert s["history"][1]["train/loss"] < s["history"][0]["train/loss"]
+    assert s["metrics"]["test/H@10"] > 0.15  # random: 0.10
