@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rayrec.config import EvalConfig
+from rayrec.data.splits import user_items_csr
 from rayrec.eval.metrics import chunk_size_for, full_ranking_metrics, sampled_metrics, sampled_ranks
 from rayrec.models.base import Recommender
 
@@ -29,11 +30,8 @@ class CSR:
 
     @classmethod
     def from_pairs(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "CSR":
-        order = np.lexsort((items, users))
-        counts = np.bincount(users, minlength=num_users)
-        indptr = np.zeros(num_users + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        return cls(torch.from_numpy(indptr), torch.from_numpy(np.ascontiguousarray(items[order], dtype=np.int64)))
+        indptr, indices = user_items_csr(users, items, num_users)
+        return cls(torch.from_numpy(indptr), torch.from_numpy(np.ascontiguousarray(indices)))
 
     def degree(self) -> Tensor:
         return self.indptr[1:] - self.indptr[:-1]  # [U]

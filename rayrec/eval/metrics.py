@@ -224,11 +224,15 @@ def sampled_metrics(ranks: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 # full-ranking protocol
 # --------------------------------------------------------------------------------------------------------------
-def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, valid: Tensor) -> Tensor:
+def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, valid: Tensor, kmax: int) -> Tensor:
     """``[B, H]`` int64 pessimistic positions of the held-out items (garbage where ``valid`` is False).
 
-    Memory besides ``scores``: one ``[B, I]`` copy of it and up to four ``[B, I]`` bool tensors (the caller's
-    exclusion mask, the held-out mask, a NaN temporary and the reused comparison buffer).
+    Positions above ``kmax`` are not resolved: any such item gets ``kmax + 1`` (no metric at a cut-off
+    ``<= kmax`` can tell them apart). Only the ``kmax`` best candidates per row are needed: with ``v`` the top-``kmax``
+    candidate scores (held-out and masked items are not candidates), a held-out score ``s_h <= v[kmax]`` has at
+    least ``kmax`` candidates at or above it, and for ``s_h > v[kmax]`` every candidate at or above it is in ``v``.
+    Cost: one ``topk`` over ``[B, I]`` plus ``[B, H, kmax]`` comparisons, instead of a pass over ``[B, I]`` per
+    held-out column. Memory besides ``scores``: one ``[B, I]`` float copy and ``[B, I]`` bool masks.
     """
     num_rows, num_items = scores.shape
     device = scores.device
@@ -237,11 +241,12 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
     heldout[rows[valid], truth[valid]] = True
 
     # Candidate scores: NaN candidates rank above everything (+inf, which also ties with a +inf held-out item and
-    # wins the tie); masked and held-out items are set to NaN so that no comparison ever counts them.
+    # wins the tie); masked and held-out items are not candidates (-inf, and not counted: see n_cand).
     other = torch.where(torch.isnan(scores), torch.inf, scores)
     if exclude is not None:
         heldout |= exclude
-    other.masked_fill_(heldout, torch.nan)
+    n_cand = num_items - heldout.sum(dim=1)  # [B] candidates per row
+    other.masked_fill_(heldout, -torch.inf)
     del heldout
 
     # Held-out scores: a NaN held-out item ranks below every candidate (-inf, and loses -inf ties).
@@ -249,22 +254,18 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
     th = torch.where(torch.isnan(th), -torch.inf, th)
     th = th.masked_fill(~valid, torch.nan)  # padding never counts as a held-out item ranked above another
 
-    num_cols = truth.shape[1]
-    col = torch.arange(num_cols, device=device)
-    pos = torch.ones(num_rows, num_cols, dtype=torch.int64, device=device)
-    cmp = torch.empty(num_rows, num_items, dtype=torch.bool, device=device)  # reused [B, I] comparison buffer
-    count_dtype = torch.int32 if num_items < 2**31 else torch.int64  # int32 sums are markedly faster on CPU
-    for h in range(num_cols):
-        if not bool(valid[:, h].any()):
-            continue
-        s = th[:, h : h + 1]  # [B, 1]; NaN on padded rows -> every comparison False
-        # unmasked non-held-out items with score >= s_h (ties pessimistic)
-        torch.ge(other, s, out=cmp)
-        pos[:, h] += cmp.sum(dim=1, dtype=count_dtype)
-        # other held-out items with a higher score, or an equal score and an earlier column
-        before = (th > s) | ((th == s) & (col < h))
-        pos[:, h] += before.sum(dim=1)
-    return pos
+    L = min(kmax, num_items)
+    top = torch.topk(other, L, dim=1, sorted=True).values  # [B, L] best candidate scores, descending
+    del other
+    real = torch.arange(L, device=device).unsqueeze(0) < n_cand.unsqueeze(1)  # [B, L] entries that are candidates
+    # unmasked non-held-out items with score >= s_h (ties pessimistic)
+    at_or_above = ((top.unsqueeze(1) >= th.unsqueeze(2)) & real.unsqueeze(1)).sum(dim=2)  # [B, H]
+    # other held-out items with a higher score, or an equal score and an earlier column
+    col = torch.arange(truth.shape[1], device=device)
+    before = ((th.unsqueeze(1) > th.unsqueeze(2)) | ((th.unsqueeze(1) == th.unsqueeze(2)) & (col < col.unsqueeze(1)))).sum(dim=2)
+    pos = 1 + at_or_above + before  # [B, H]
+    beyond = (n_cand > L).unsqueeze(1) & (th <= top[:, L - 1 : L])  # at least L >= kmax candidates above
+    return pos.masked_fill(beyond, kmax + 1)
 
 
 def _full_metrics_from_positions(pos: Tensor, valid: Tensor, ks: list[int]) -> dict[str, Tensor]:
@@ -315,7 +316,7 @@ def _full_ranking_block(
                 f"held-out item {int(truth[r, c])} of row {r} is masked out; a held-out item must stay a candidate "
                 "(check that the train/valid/test splits are disjoint)"
             )
-    pos = _heldout_positions(scores, exclude, truth, valid)
+    pos = _heldout_positions(scores, exclude, truth, valid, max(ks))
     return _full_metrics_from_positions(pos, valid, ks)
 
 

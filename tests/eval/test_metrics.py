@@ -430,3 +430,54 @@ def test_cuda_matches_cpu() -> None:
     assert torch.equal(ranks.cpu(), sampled_ranks(scores[:, 0], scores[:, 1:101]))
     _, idx = masked_topk(scores.cuda(), mask.cuda(), 5)
     assert torch.equal(idx.cpu(), masked_topk(scores, mask, 5)[1])
+
+
+def _brute_full(scores, mask, truth, ks):
+    """Reference: pessimistic positions by explicit ordering of every row (Python loops)."""
+    import math
+
+    out = {f"{m}@{k}": [] for k in ks for m in ("Recall", "NDCG", "HR")}
+    for b in range(scores.shape[0]):
+        gt = [int(t) for t in truth[b] if t >= 0]
+        if not gt:
+            for key in out:
+                out[key].append(float("nan"))
+            continue
+        s = [(-math.inf if math.isnan(x) else x) if j in gt else (math.inf if math.isnan(x) else x)
+             for j, x in enumerate(scores[b].tolist())]
+        cands = [j for j in range(len(s)) if not mask[b, j] and j not in gt]
+        # held-out h: after every candidate with score >= s_h and every held-out ranked before it
+        pos = {}
+        for c, h in enumerate(gt):
+            above = sum(1 for j in cands if s[j] >= s[h])
+            before = sum(1 for c2, h2 in enumerate(gt) if s[h2] > s[h] or (s[h2] == s[h] and c2 < c))
+            pos[h] = 1 + above + before
+        for k in ks:
+            hits = [p for p in pos.values() if p <= k]
+            idcg = sum(1 / math.log2(i + 1) for i in range(1, min(len(gt), k) + 1))
+            out[f"Recall@{k}"].append(len(hits) / len(gt))
+            out[f"NDCG@{k}"].append(sum(1 / math.log2(p + 1) for p in hits) / idcg)
+            out[f"HR@{k}"].append(float(bool(hits)))
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_full_ranking_matches_brute_force_with_ties_nans_and_short_rows(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, I, H = 12, 15, 5
+    scores = torch.randint(0, 4, (B, I), generator=g).double()  # many ties
+    scores[torch.rand(B, I, generator=g) < 0.05] = float("nan")
+    scores[0] = 1.0  # a constant row
+    truth = torch.full((B, H), -1)
+    mask = torch.zeros(B, I, dtype=torch.bool)
+    for b in range(B):
+        perm = torch.randperm(I, generator=g)
+        n_gt = int(torch.randint(0, H + 1, (1,), generator=g))
+        truth[b, :n_gt] = perm[:n_gt]
+        n_mask = 12 if b % 3 == 0 else int(torch.randint(0, 6, (1,), generator=g))  # some rows: < kmax candidates
+        mask[b, perm[H : H + n_mask]] = True
+    ks = [1, 3, 5, 10]
+    got = full_ranking_metrics(scores, mask, truth, ks)
+    want = _brute_full(scores, mask, truth, ks)
+    for k in want:
+        torch.testing.assert_close(got[k].double(), want[k], equal_nan=True, msg=k)
