@@ -1,0 +1,139 @@
+"""TorchRec versions of the base models: user/item tables in an ``EmbeddingCollection`` that
+``DistributedModelParallel`` shards across workers (the teacher path, ``rayrec.sharding``).
+
+The maths is that of :mod:`rayrec.models.bpr` and :mod:`rayrec.models.neumf`; only the table lookup differs: ids
+go in as one ``KeyedJaggedTensor`` (one id per user row, ``C`` ids per item row)::
+
+    #            row 0         row 1        ...  row B-1
+    # "user"     [u_0]         [u_1]             [u_{B-1}]
+    # "item"     [i_00..i_0C]  [i_10..i_1C]      [...]          (C candidates per row)
+
+Tables are built on the ``meta`` device (no memory) and materialised shard by shard by DMP, initialised
+N(0, ``init_std``) like the dense models. A sharded model never materialises a full table, so it has no
+``score_all``: full ranking goes through the distributed top-N of the teacher ranking step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+from rayrec.models.base import Recommender, reduce
+
+
+def _kjt(groups: dict[str, Tensor], keys: list[str]) -> KeyedJaggedTensor:
+    """``{feature: ids [B, C_f]}`` -> KJT over every feature in ``keys`` (absent ones get empty rows), ``B`` rows
+    per feature, ``C_f`` ids per row. The sharded collection always sees the same keys in the same order."""
+    B = next(iter(groups.values())).shape[0]
+    device = next(iter(groups.values())).device
+    values, lengths = [], []
+    for k in keys:
+        ids = groups.get(k)
+        if ids is None:
+            lengths.append(torch.zeros(B, dtype=torch.int32, device=device))
+            continue
+        values.append(ids.reshape(-1))
+        lengths.append(torch.full((B,), ids.shape[1], dtype=torch.int32, device=device))
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def _tables(prefix: str, num_users: int, num_items: int, dim: int, init_std: float) -> list[EmbeddingConfig]:
+    init = partial(nn.init.normal_, mean=0.0, std=init_std)
+    return [
+        EmbeddingConfig(name=f"{prefix}user", embedding_dim=dim, num_embeddings=num_users,
+                        feature_names=[f"{prefix}user"], init_fn=init),
+        EmbeddingConfig(name=f"{prefix}item", embedding_dim=dim, num_embeddings=num_items,
+                        feature_names=[f"{prefix}item"], init_fn=init),
+    ]
+
+
+class ShardedBPR(Recommender):
+    """BPR-MF with TorchRec tables ``user`` ``[U, D]`` and ``item`` ``[I, D]`` (see :class:`rayrec.models.bpr.BPR`)."""
+
+    KEYS = ["user", "item"]
+
+    def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
+                 device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.num_users, self.num_items, self.dim = num_users, num_items, dim
+        self.ec = EmbeddingCollection(tables=_tables("", num_users, num_items, dim, init_std), device=torch.device(device))
+
+    def _lookup(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+        B, C = items.shape
+        out = self.ec(_kjt({"user": users.view(B, 1), "item": items}, self.KEYS))
+        return out["user"].values(), out["item"].values().view(B, C, self.dim)  # [B, D], [B, C, D]
+
+    def user_repr(self, users: Tensor) -> dict[str, Tensor]:
+        return {"emb": self.ec(_kjt({"user": users.view(-1, 1)}, self.KEYS))["user"].values()}  # [B, D]
+
+    def item_repr(self, items: Tensor) -> dict[str, Tensor]:
+        flat = items.reshape(-1, 1)
+        return {"emb": self.ec(_kjt({"item": flat}, self.KEYS))["item"].values().view(*items.shape, self.dim)}
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        u, v = self._lookup(users, items)
+        return torch.einsum("bd,bcd->bc", u, v)  # [B, C]
+
+    def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
+        raise NotImplementedError("a sharded model has no full item table here; rank with the distributed top-N")
+
+    def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
+        s = self.score(users, torch.cat([pos.unsqueeze(1), neg], dim=1))  # [B, 1 + N]
+        return reduce(-F.logsigmoid(s[:, :1] - s[:, 1:]), reduction)
+
+
+class ShardedNeuMF(Recommender):
+    """NeuMF with TorchRec tables ``gmf_user, gmf_item, mlp_user, mlp_item`` (each ``D`` wide); the MLP and the
+    prediction layer are dense and data-parallel (see :class:`rayrec.models.neumf.NeuMF`)."""
+
+    KEYS = ["gmf_user", "gmf_item", "mlp_user", "mlp_item"]
+
+    def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
+                 device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.num_users, self.num_items, self.dim = num_users, num_items, dim
+        self.ec = EmbeddingCollection(
+            tables=_tables("gmf_", num_users, num_items, dim, init_std) + _tables("mlp_", num_users, num_items, dim, init_std),
+            device=torch.device(device),
+        )
+        self.mlp = nn.Linear(2 * dim, dim)
+        self.predict = nn.Linear(2 * dim, 1)
+        nn.init.xavier_uniform_(self.mlp.weight)
+        nn.init.kaiming_uniform_(self.predict.weight, a=1)
+        nn.init.zeros_(self.mlp.bias)
+        nn.init.zeros_(self.predict.bias)
+
+    def _lookup(self, users: Tensor, items: Tensor) -> dict[str, Tensor]:
+        B, C = items.shape
+        u = users.view(B, 1)
+        out = self.ec(_kjt({"gmf_user": u, "gmf_item": items, "mlp_user": u, "mlp_item": items}, self.KEYS))
+        return {k: out[k].values().view(B, -1, self.dim) for k in ("gmf_user", "gmf_item", "mlp_user", "mlp_item")}
+
+    def user_repr(self, users: Tensor) -> dict[str, Tensor]:
+        u = users.view(-1, 1)
+        out = self.ec(_kjt({"gmf_user": u, "mlp_user": u}, self.KEYS))
+        return {"gmf": out["gmf_user"].values(), "mlp": out["mlp_user"].values()}  # each [B, D]
+
+    def item_repr(self, items: Tensor) -> dict[str, Tensor]:
+        flat = items.reshape(-1, 1)
+        out = self.ec(_kjt({"gmf_item": flat, "mlp_item": flat}, self.KEYS))
+        return {k.split("_")[0]: out[k].values().view(*items.shape, self.dim) for k in ("gmf_item", "mlp_item")}
+
+    def score(self, users: Tensor, items: Tensor) -> Tensor:
+        e = self._lookup(users, items)  # user parts [B, 1, D], item parts [B, C, D]
+        gmf = e["gmf_user"] * e["gmf_item"]  # [B, C, D]
+        mlp = F.relu(self.mlp(torch.cat([e["mlp_user"].expand_as(e["mlp_item"]), e["mlp_item"]], dim=-1)))
+        return self.predict(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)  # [B, C]
+
+    def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
+        raise NotImplementedError("a sharded model has no full item table here; rank with the distributed top-N")
+
+    def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
+        logits = self.score(users, torch.cat([pos.unsqueeze(1), neg], dim=1))  # [B, 1 + N]
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1.0
+        return reduce(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), reduction)

@@ -1,0 +1,108 @@
+"""Plan and wrap a model whose tables are TorchRec ``EmbeddingCollection`` s.
+
+``shard_model`` asks ``EmbeddingShardingPlanner`` for a plan in which every table uses the configured sharding type
+(``row_wise`` default; ``table_wise``, ``column_wise``, ``data_parallel``) and wraps the model in
+``DistributedModelParallel`` over the default process group (the one Ray Train creates). Non-data-parallel tables
+use the ``fused`` kernel with a fused optimizer applied in backward (on CPU fbgemm supports EXACT_SGD,
+EXACT_ADAGRAD and EXACT_ROWWISE_ADAGRAD; Adam needs CUDA); data-parallel tables and dense layers are ordinary
+parameters, DDP-averaged, for the dense optimizer. TorchRec averages embedding gradients over ranks like DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "data_parallel")
+FUSED_OPTIMIZERS = ("exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "adam")
+_CPU_OK = {"exact_sgd", "exact_adagrad", "exact_rowwise_adagrad"}
+
+
+def _tables(model: nn.Module) -> list[str]:
+    from torchrec import EmbeddingCollection
+
+    names = []
+    for m in model.modules():
+        if isinstance(m, EmbeddingCollection):
+            names += [t.name for t in m.embedding_configs()]
+    return names
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    sharding_type: str = "row_wise",
+    optimizer: str = "exact_rowwise_adagrad",
+    lr: float = 0.01,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    device: torch.device | None = None,
+    pg: dist.ProcessGroup | None = None,
+):
+    """Shard ``model``'s embedding tables over ``pg`` (default: the world group) and return the DMP."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    if sharding_type not in SHARDING_TYPES:
+        raise ValueError(f"sharding type {sharding_type!r} is not one of {SHARDING_TYPES}")
+    if optimizer not in FUSED_OPTIMIZERS:
+        raise ValueError(f"fused optimizer {optimizer!r} is not one of {FUSED_OPTIMIZERS}")
+    device = device or torch.device("cpu")
+    if device.type == "cpu" and optimizer not in _CPU_OK:
+        raise ValueError(f"fused optimizer {optimizer!r} needs CUDA; on CPU use one of {sorted(_CPU_OK)}")
+    pg = pg or dist.GroupMember.WORLD
+    world = dist.get_world_size(pg)
+    fused = {"optimizer": getattr(EmbOptimType, optimizer.upper()), "learning_rate": lr, "eps": eps}
+    if weight_decay:
+        fused["weight_decay"] = weight_decay
+    sharder = EmbeddingCollectionSharder(fused_params=fused)
+    kernel = "dense" if sharding_type == "data_parallel" else "fused"
+    constraints = {t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel]) for t in _tables(model)}
+    local_world = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", world))
+    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local_world)
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(model, [sharder], pg)
+    return DistributedModelParallel(model, plan=plan, sharders=[sharder], device=device, env=None)
+
+
+def _local_shards(value):
+    """``(offsets, tensor)`` pairs of this rank's pieces of a state-dict value (ShardedTensor, DTensor or dense)."""
+    if hasattr(value, "local_shards"):
+        return [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    if hasattr(value, "to_local"):  # DTensor (later TorchRec versions)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        return [(tuple(offsets), value.to_local())]
+    return [((0,) * value.dim(), value)]
+
+
+@torch.no_grad()
+def load_dense_state_dict(dmp: nn.Module, dense: dict[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors into this rank's shards, in place. Keys as in ``dmp.state_dict()``."""
+    sd = dmp.state_dict()
+    missing = [k for k in sd if k not in dense]
+    if missing:
+        raise KeyError(f"dense state dict lacks {missing}")
+    for k, v in sd.items():
+        for offsets, t in _local_shards(v):
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))
+            t.copy_(dense[k][index])
+
+
+@torch.no_grad()
+def dense_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather every table and dense parameter into plain tensors on every rank (small models only)."""
+    out = {}
+    for k, v in dmp.state_dict().items():
+        full = torch.zeros(v.shape, dtype=v.dtype)
+        for offsets, t in _local_shards(v):
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))
+            full[index] = t.detach().cpu()
+        if dist.is_initialized() and dist.get_world_size() > 1 and hasattr(v, "local_shards"):
+            dist.all_reduce(full)  # shards are disjoint: the sum is the full tensor
+        out[k] = full
+    return out
