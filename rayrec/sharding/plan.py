@@ -10,6 +10,8 @@ parameters, DDP-averaged, for the dense optimizer. TorchRec averages embedding g
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -62,7 +64,7 @@ def shard_model(
     sharder = EmbeddingCollectionSharder(fused_params=fused)
     kernel = "dense" if sharding_type == "data_parallel" else "fused"
     constraints = {t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel]) for t in _tables(model)}
-    local_world = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topology = Topology(world_size=world, compute_device=device.type, local_world_size=local_world)
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(model, [sharder], pg)
     return DistributedModelParallel(model, plan=plan, sharders=[sharder], device=device, env=None)
