@@ -1,0 +1,68 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP): every rank writes only its own shards.
+
+A checkpoint directory holds DCP's ``.metadata`` plus one ``__<rank>_0.distcp`` per writing rank, and
+``extra.json`` (rank 0) for non-tensor state. Loading reads the shards a rank needs for *its* current plan, so a
+checkpoint written on 2 workers loads on 1 (or on 2 with another sharding type), and the reverse.
+
+:func:`save_sharded` is atomic on a shared filesystem: all ranks write into ``.<name>.tmp`` beside the target,
+then rank 0 renames it after a barrier. Inside Ray Train, write into a per-rank temporary directory and pass it to
+``ray.train.report(checkpoint=...)`` instead: Ray merges the ranks' directories into one persisted checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def write_shards(dmp: nn.Module, directory: str | Path, extra: dict | None = None) -> None:
+    """Write this rank's shards of ``dmp.state_dict()`` (and rank 0's ``extra``) into ``directory`` (collective)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(dmp.state_dict(), checkpoint_id=str(directory))
+    if extra is not None and _rank() == 0:
+        (directory / "extra.json").write_text(json.dumps(extra, indent=1))
+
+
+def save_sharded(dmp: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
+    """Atomic sharded save to ``directory`` on a filesystem all ranks share (collective)."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    write_shards(dmp, tmp, extra)
+    _barrier()
+    if _rank() == 0:
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    _barrier()
+    return directory
+
+
+def load_sharded(dmp: nn.Module, directory: str | Path) -> dict | None:
+    """Load a sharded checkpoint into ``dmp`` in place, whatever world size or plan wrote it (collective).
+    Returns rank 0's ``extra`` (or None)."""
+    directory = Path(directory)
+    if not (directory / ".metadata").exists():
+        raise FileNotFoundError(f"{directory} is not a sharded checkpoint (no .metadata)")
+    sd = dmp.state_dict()
+    dcp.load(sd, checkpoint_id=str(directory))
+    extra = directory / "extra.json"
+    return json.loads(extra.read_text()) if extra.exists() else None
