@@ -1,0 +1,106 @@
+"""Top-k over an item table that is sharded by rows, without any worker holding the whole table.
+
+Every rank holds a contiguous block of item rows ``[offset, offset + I_r)`` (TorchRec row-wise sharding) and a
+chunk of queries (user or item representations). One collective step:
+
+1. all-gather the queries (padded to the largest chunk): every rank sees all ``W·B`` queries ``[W·B, D]``;
+2. each rank scores them against *its* rows only, ``[W·B, I_r]``, masks excluded pairs (a user's train items, or
+   the query item itself for neighbours) to ``-inf`` and keeps a partial top-k ``[W·B, k]``;
+3. all-gather the partial lists ``[W, W·B, k]`` and merge them with one more top-k; each rank keeps its own rows.
+
+Communication per step is ``O(W·B·D + W²·B·k)``; memory per rank ``O(W·B·I_r)``, so the full ``[U, I]`` score
+matrix and the full item table never exist anywhere. Every rank must make the same number of calls (the caller
+pads its chunk loop to the longest rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(t: Tensor) -> Tensor:
+    """``[n, ...]`` (same shape on every rank) -> ``[W, n, ...]``."""
+    rank, world = _world()
+    if world == 1:
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def sharded_topk(
+    queries: Tensor,
+    query_ids: Tensor,
+    local_keys: Tensor,
+    key_offset: int,
+    k: int,
+    exclude_indptr: Tensor | None = None,
+    exclude_indices: Tensor | None = None,
+    exclude_self: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Dot-product top-``k`` of this rank's ``queries`` over the row-sharded keys of all ranks (collective).
+
+    Args:
+        queries: ``[B_r, D]`` this rank's query vectors (``B_r`` may differ across ranks, may be 0).
+        query_ids: ``[B_r]`` their ids (user ids for ``exclude_*`` rows, item ids for ``exclude_self``).
+        local_keys: ``[I_r, D]`` this rank's rows of the key table (global rows ``key_offset ..``).
+        key_offset: global id of ``local_keys[0]``.
+        k: list length (at most the number of keys overall).
+        exclude_indptr, exclude_indices: CSR over query ids of key ids never returned (e.g. train items).
+        exclude_self: never return a query's own id (item neighbours).
+
+    Returns:
+        ``(scores [B_r, k], ids [B_r, k])``, best first. Slots with no admissible key hold ``-inf`` / ``-1``.
+    """
+    rank, world = _world()
+    D = local_keys.shape[1]
+    n = torch.tensor([queries.shape[0]], dtype=torch.int64)
+    sizes = _all_gather(n).flatten()  # [W]
+    bmax = int(sizes.max())
+    q = torch.zeros(bmax, D, dtype=local_keys.dtype)
+    q[: queries.shape[0]] = queries
+    ids = torch.full((bmax,), -1, dtype=torch.int64)
+    ids[: queries.shape[0]] = query_ids
+    all_q = _all_gather(q).reshape(world * bmax, D)  # [W·B, D]
+    all_ids = _all_gather(ids).reshape(world * bmax)  # [W·B]
+
+    scores = all_q @ local_keys.T  # [W·B, I_r]
+    I_r = local_keys.shape[0]
+    if exclude_indptr is not None and I_r > 0:
+        valid = all_ids >= 0
+        qi = all_ids.clamp(min=0)
+        start, end = exclude_indptr[qi], exclude_indptr[qi + 1]
+        lens = torch.where(valid, end - start, torch.zeros_like(start))
+        row = torch.repeat_interleave(torch.arange(len(qi)), lens)
+        pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        items = exclude_indices[torch.repeat_interleave(start, lens) + pos]
+        local = (items >= key_offset) & (items < key_offset + I_r)
+        scores[row[local], items[local] - key_offset] = -torch.inf
+    if exclude_self and I_r > 0:
+        local = (all_ids >= key_offset) & (all_ids < key_offset + I_r)
+        rows = torch.nonzero(local).flatten()
+        scores[rows, all_ids[rows] - key_offset] = -torch.inf
+
+    kk = min(k, I_r)
+    part_s = torch.full((world * bmax, k), -torch.inf, dtype=scores.dtype)
+    part_i = torch.full((world * bmax, k), -1, dtype=torch.int64)
+    if kk > 0:
+        v, i = torch.topk(scores, kk, dim=1)
+        part_s[:, :kk] = v
+        part_i[:, :kk] = torch.where(torch.isinf(v) & (v < 0), torch.full_like(i, -1), i + key_offset)
+    # merge the W partial lists of this rank's own queries
+    all_s = _all_gather(part_s)[:, rank * bmax : rank * bmax + queries.shape[0]]  # [W, B_r, k]
+    all_i = _all_gather(part_i)[:, rank * bmax : rank * bmax + queries.shape[0]]
+    cand_s = all_s.permute(1, 0, 2).reshape(queries.shape[0], world * k)  # [B_r, W·k]
+    cand_i = all_i.permute(1, 0, 2).reshape(queries.shape[0], world * k)
+    top_s, j = torch.topk(cand_s, min(k, world * k), dim=1)
+    return top_s, cand_i.gather(1, j)
