@@ -76,15 +76,12 @@ def sharded_topk(
     scores = all_q @ local_keys.T  # [W·B, I_r]
     I_r = local_keys.shape[0]
     if exclude_indptr is not None and I_r > 0:
-        valid = all_ids >= 0
-        qi = all_ids.clamp(min=0)
-        start, end = exclude_indptr[qi], exclude_indptr[qi + 1]
-        lens = torch.where(valid, end - start, torch.zeros_like(start))
-        row = torch.repeat_interleave(torch.arange(len(qi)), lens)
-        pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        items = exclude_indices[torch.repeat_interleave(start, lens) + pos]
+        from rayrec.eval.evaluate import CSR
+
+        have = torch.nonzero(all_ids >= 0).flatten()
+        row, items = CSR(exclude_indptr, exclude_indices).rows(all_ids[have])  # excluded (query, key) pairs
         local = (items >= key_offset) & (items < key_offset + I_r)
-        scores[row[local], items[local] - key_offset] = -torch.inf
+        scores[have[row[local]], items[local] - key_offset] = -torch.inf
     if exclude_self and I_r > 0:
         local = (all_ids >= key_offset) & (all_ids < key_offset + I_r)
         rows = torch.nonzero(local).flatten()

@@ -1,7 +1,6 @@
 """evaluate(): sampled and full protocols against a brute-force loop, and sharded over 2 gloo ranks."""
 
 import os
-import socket
 import types
 
 import numpy as np
@@ -77,11 +76,6 @@ def test_constant_model_scores_zero():
     assert all(v == 0.0 for k, v in got.items()), got
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -94,9 +88,9 @@ def _rank(rank, port, out):
     dist.destroy_process_group()
 
 
-def test_sharded_over_two_ranks_equals_single_process(tmp_path):
+def test_sharded_over_two_ranks_equals_single_process(tmp_path, free_port):
     out = str(tmp_path / "m")
-    mp.spawn(_rank, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port, out), nprocs=2, join=True)
     torch.manual_seed(0)
     pd = _tiny()
     model = BPR(pd.num_users, pd.num_items, 4, init_std=1.0)

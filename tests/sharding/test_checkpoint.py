@@ -15,11 +15,6 @@ from rayrec.sharding.checkpoint import load_sharded, save_sharded
 U, I, D = 11, 23, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, mode, sharding_type, ckpt, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
@@ -40,7 +35,10 @@ def _worker(rank, world, port, mode, sharding_type, ckpt, out):
 
 
 def _run(world, mode, sharding_type, ckpt, out):
-    mp.spawn(_worker, args=(world, _free_port(), mode, sharding_type, str(ckpt), str(out)), nprocs=world, join=True)
+    with socket.socket() as s:  # a fresh rendezvous port for each of the two process groups
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(world, port, mode, sharding_type, str(ckpt), str(out)), nprocs=world, join=True)
     return torch.load(out)
 
 

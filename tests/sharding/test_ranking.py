@@ -1,7 +1,6 @@
 """Distributed top-k over a row-sharded item table equals the dense computation (2 gloo ranks, uneven blocks)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,11 +11,6 @@ from rayrec.sharding.ranking import sharded_topk
 
 U, I, D, K = 17, 23, 5, 6
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -56,9 +50,9 @@ def _worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_sharded_topk_equals_dense(tmp_path):
+def test_sharded_topk_equals_dense(tmp_path, free_port):
     out = str(tmp_path / "r")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, out), nprocs=2, join=True)
     users, items, indptr, indices = _data()
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}")

@@ -1,7 +1,6 @@
 """TorchRec-sharded BPR/NeuMF on 2 gloo ranks equal the dense models on the same weights, for every sharding type."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,11 +13,6 @@ from rayrec.sharding import dense_state_dict, load_dense_state_dict, shard_model
 
 U, I, D = 13, 29, 8
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dense(name):
@@ -63,9 +57,9 @@ def _worker(rank, world, port, name, sharding_type, out):
     # (split_with_sizes in construct_jagged_tensors) with two features of different lengths (issue 3, open).
     [("bpr", "row_wise"), ("bpr", "table_wise"), ("bpr", "column_wise"), ("neumf", "row_wise"), ("neumf", "column_wise")],
 )
-def test_sharded_forward_equals_dense(tmp_path, name, sharding_type):
+def test_sharded_forward_equals_dense(tmp_path, name, sharding_type, free_port):
     out = str(tmp_path / "o")
-    mp.spawn(_worker, args=(2, _free_port(), name, sharding_type, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, name, sharding_type, out), nprocs=2, join=True)
     dense = _dense(name)
     want_sd = _to_sharded_keys(name, dense)
     for rank in (0, 1):

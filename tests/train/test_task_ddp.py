@@ -1,7 +1,6 @@
 """Loss scale under DDP: with reduction="sum" the applied gradient is that of the global batch sum."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,11 +10,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rayrec.models import BPR
 from rayrec.train.task import TrainTask
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -40,9 +34,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_sum_reduction_gradient_equals_global_batch_sum(tmp_path):
+def test_sum_reduction_gradient_equals_global_batch_sum(tmp_path, free_port):
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, out), nprocs=2, join=True)
     ddp_grads = torch.load(out)
     torch.manual_seed(0)
     ref = TrainTask(BPR(6, 9, 4), reduction="sum", world_size=1)
