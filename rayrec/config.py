@@ -62,6 +62,11 @@ class ModelConfig:
     name: Literal["bpr", "neumf"] = "bpr"
     dim: int = 20  # embedding size d (NeuMF: d for GMF and for MLP tables)
     init_std: float = 0.01  # N(0, init_std) embedding init (DE-RRD code)
+    # none: plain nn.Embedding tables, DDP (students). Otherwise TorchRec tables sharded across the workers by
+    # DistributedModelParallel with this sharding type (teachers; see rayrec.sharding)
+    sharding: Literal["none", "row_wise", "table_wise", "column_wise", "data_parallel"] = "none"
+    # optimizer fused into the sharded tables' backward (lr/weight decay from train.*); CPU: exact_* only
+    fused_optimizer: Literal["exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "adam"] = "exact_rowwise_adagrad"
 
     def __post_init__(self) -> None:
         if self.dim <= 0:

@@ -63,9 +63,15 @@ def init_ray(rc: RayConfig) -> dict:
 
 
 def quiet_ray_loggers() -> None:
-    """Keep Ray Train/Data INFO chatter (every report, every checkpoint) out of the user's progress lines."""
-    for name in ("ray.train", "ray.data", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Keep Ray Train/Data and TorchRec/FBGEMM INFO chatter (every report, every checkpoint, every kernel library
+    loaded) out of the user's progress lines. Warnings and errors still show."""
+    import warnings
+
+    for name in ("ray.train", "ray.data", "ray.tune", "torchrec", "fbgemm_gpu", "root"):
+        logging.getLogger(name if name != "root" else None).setLevel(logging.WARNING)
+    # TorchRec 1.8 state dicts are ShardedTensors; torch warns on every access that they will become DTensors
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="is_fx_tracing will return true")
     try:  # Ray 2.60 names this logger by file path, outside "ray.train", so LoggingConfig does not reach it
         from ray.train.v2._internal.execution import context as _train_context
 

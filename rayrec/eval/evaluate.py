@@ -19,7 +19,14 @@ from torch import Tensor
 
 from rayrec.config import EvalConfig
 from rayrec.data.splits import user_items_csr
-from rayrec.eval.metrics import chunk_size_for, full_ranking_metrics, sampled_metrics, sampled_ranks
+from rayrec.eval.metrics import (
+    chunk_size_for,
+    full_metrics_from_positions,
+    full_ranking_metrics,
+    positions_from_top,
+    sampled_metrics,
+    sampled_ranks,
+)
 from rayrec.models.base import Recommender
 
 
@@ -86,11 +93,85 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _allreduce(vec: Tensor) -> Tensor:
+def _allreduce(vec: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         vec = vec.clone()
-        dist.all_reduce(vec)
+        dist.all_reduce(vec, op=op)
     return vec
+
+
+def _num_chunks(n: int, chunk: int, lockstep: bool) -> int:
+    """Chunks this rank runs; with ``lockstep`` (sharded models: every lookup is a collective) the max over ranks."""
+    mine = -(-n // chunk)
+    return int(_allreduce(torch.tensor([mine]), dist.ReduceOp.MAX)[0]) if lockstep else mine
+
+
+@dataclass
+class RowShard:
+    """This rank's rows ``[offset, offset + I_r)`` of a row-wise sharded item table ``[I_r, D]`` (BPR teacher)."""
+
+    rows: Tensor
+    offset: int
+
+
+def _gather(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
+    return t.unsqueeze(0)
+
+
+def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th: Tensor, shard: RowShard,
+                       num_items: int, kmax: int) -> Tensor:
+    """Pessimistic held-out positions for this rank's users against a row-sharded item table (collective).
+
+    ``q`` ``[B, D]`` user vectors, ``excl`` (row, item) pairs never ranked (train, valid when testing), ``truth``
+    ``[B, H]`` held-out ids (-1 pad), ``th`` ``[B, H]`` their scores. Every rank gathers all ranks' queries, keeps
+    the top-``kmax`` candidate scores of *its* rows, and the per-rank lists are merged; no rank sees the full
+    table or the full ``[users, items]`` score matrix.
+    """
+    W = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    B, H = truth.shape
+    # pad every rank's block to the same [B, H] (all_gather needs equal shapes)
+    bh = _allreduce(torch.tensor([B, H]), dist.ReduceOp.MAX)
+    Bm, Hm = int(bh[0]), int(bh[1])
+    qp = torch.zeros(Bm, q.shape[1], dtype=q.dtype)
+    qp[:B] = q
+    tp = torch.full((Bm, Hm), -1, dtype=torch.int64)
+    tp[:B, :H] = truth
+    Q = _gather(qp).reshape(W * Bm, -1)  # [W·B, D]
+    T = _gather(tp).reshape(W * Bm, Hm)  # [W·B, H]
+    # exclusion pairs travel as (row in the gathered block, item); pad to a common length with -1
+    row, item = excl
+    n = _allreduce(torch.tensor([len(row)]), dist.ReduceOp.MAX)
+    ep = torch.full((2, int(n[0])), -1, dtype=torch.int64)
+    ep[0, : len(row)] = row + rank * Bm
+    ep[1, : len(row)] = item
+    E = _gather(ep).permute(1, 0, 2).reshape(2, -1)
+    E = E[:, E[0] >= 0]
+
+    I_r, off = shard.rows.shape[0], shard.offset
+    s = Q @ shard.rows.T.to(Q.dtype)  # [W·B, I_r]
+    s = torch.where(torch.isnan(s), torch.inf, s)  # NaN candidates rank above everything
+    drop = torch.zeros_like(s, dtype=torch.bool)
+    loc = (E[1] >= off) & (E[1] < off + I_r)
+    drop[E[0, loc], E[1, loc] - off] = True
+    r, c = torch.nonzero(T >= 0, as_tuple=True)
+    loc = (T[r, c] >= off) & (T[r, c] < off + I_r)
+    drop[r[loc], T[r[loc], c[loc]] - off] = True
+    n_cand_local = I_r - drop.sum(dim=1)  # [W·B]
+    s.masked_fill_(drop, -torch.inf)
+    L = min(kmax, I_r)
+    part = torch.full((W * Bm, kmax), -torch.inf, dtype=s.dtype)
+    if L > 0:
+        part[:, :L] = torch.topk(s, L, dim=1).values
+    parts = _gather(part)[:, rank * Bm : rank * Bm + B]  # [W, B, kmax] every rank's best rows for my users
+    n_cand = _gather(n_cand_local)[:, rank * Bm : rank * Bm + B].sum(dim=0)  # [B]
+    merged = torch.topk(parts.permute(1, 0, 2).reshape(B, -1), min(kmax, W * kmax), dim=1).values  # [B, kmax]
+    th = torch.where(torch.isnan(th), -torch.inf, th).masked_fill(truth < 0, torch.nan)
+    return positions_from_top(merged, n_cand, th, kmax)
 
 
 @torch.no_grad()
@@ -103,8 +184,15 @@ def evaluate(
     sampled: bool | None = None,
     full: bool | None = None,
     device: torch.device | str = "cpu",
+    shard: RowShard | None = None,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Average metrics of ``model`` on ``split`` ("valid" or "test") over this rank's users, all-reduced."""
+    """Average metrics of ``model`` on ``split`` ("valid" or "test") over this rank's users, all-reduced.
+
+    A model whose tables are sharded (``shard`` given: this rank's rows of the row-wise item table) is evaluated in
+    lockstep (every rank runs the same number of lookups) and ranked fully without gathering the item table;
+    ``lockstep`` alone (any sharded model) keeps the sampled protocol's lookups matched across ranks.
+    """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     sampled = cfg.sampled if sampled is None else sampled
@@ -128,8 +216,11 @@ def evaluate(
         chunk = max(1, cfg.memory_budget_mb * 1024 * 1024 // per_user_bytes)
         keys = [f"{m}@{k}" for k in cfg.sampled_ks for m in ("H", "N", "M")]
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
-        for s in range(0, len(users), chunk):
-            u = users[s : s + chunk]  # [B]
+        for c in range(_num_chunks(len(users), chunk, lockstep)):
+            u = users[c * chunk : (c + 1) * chunk]  # [B]
+            if len(u) == 0:  # lockstep padding: a dummy lookup keeps the collectives matched
+                model.score(torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device))
+                continue
             pos = truth_csr.indices[truth_csr.indptr[u]]  # [B]
             cand = torch.cat([pos.unsqueeze(1), data.negatives[u]], dim=1)  # [B, 1 + N]
             scores = model.score(u.to(device), cand.to(device)).float().cpu()  # [B, 1 + N]
@@ -147,14 +238,34 @@ def evaluate(
         keys = [f"{m}@{k}" for k in cfg.full_ks for m in ("Recall", "NDCG", "HR")]
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
         mask_csrs = [data.train] + ([data.valid] if split == "test" and cfg.mask_valid_when_testing else [])
-        for s in range(0, len(users), chunk):
-            u = users[s : s + chunk]  # [B]
-            scores = model.score_all(u.to(device)).float().cpu()  # [B, I]
-            mask = torch.zeros(scores.shape, dtype=torch.bool)  # [B, I]
-            for c in mask_csrs:
-                row, items = c.rows(u)
-                mask[row, items] = True
-            m = full_ranking_metrics(scores, mask, truth_csr.padded(u), cfg.full_ks)
+        if lockstep and shard is None:
+            raise ValueError("full ranking of a sharded model needs its row-wise item table shard (BPR, row_wise)")
+        kmax = max(cfg.full_ks)
+        for c in range(_num_chunks(len(users), chunk, lockstep)):
+            u = users[c * chunk : (c + 1) * chunk]  # [B]
+            truth = truth_csr.padded(u)  # [B, H]
+            if shard is not None:  # row-sharded table: distributed positions, same pessimistic rule
+                q = model.user_repr(u.to(device))["emb"].float().cpu() if len(u) else torch.zeros(0, model.dim)
+                th = (model.score(u.to(device), truth.clamp(min=0).to(device)).float().cpu() if len(u)
+                      else torch.zeros(0, truth.shape[1]))
+                if len(u) == 0:  # lockstep padding: match the two lookups of the other ranks
+                    dummy = torch.zeros(1, dtype=torch.int64, device=device)
+                    model.user_repr(dummy), model.score(dummy, dummy.view(1, 1))
+                pairs = [cs.rows(u) for cs in mask_csrs]
+                excl = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+                pos = _sharded_positions(q, excl, truth, th, shard, data.num_items, kmax)
+                if len(u) == 0:
+                    continue
+                m = full_metrics_from_positions(pos, truth >= 0, cfg.full_ks)
+            else:
+                if len(u) == 0:
+                    continue
+                scores = model.score_all(u.to(device)).float().cpu()  # [B, I]
+                mask = torch.zeros(scores.shape, dtype=torch.bool)  # [B, I]
+                for cs in mask_csrs:
+                    row, items = cs.rows(u)
+                    mask[row, items] = True
+                m = full_ranking_metrics(scores, mask, truth, cfg.full_ks)
             vals = torch.stack([torch.nan_to_num(m[k].double(), nan=0.0).sum() for k in keys])
             sums[:-1] += vals
             sums[-1] += len(u)

@@ -254,21 +254,36 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
     th = torch.where(torch.isnan(th), -torch.inf, th)
     th = th.masked_fill(~valid, torch.nan)  # padding never counts as a held-out item ranked above another
 
-    L = min(kmax, num_items)
-    top = torch.topk(other, L, dim=1, sorted=True).values  # [B, L] best candidate scores, descending
+    top = torch.topk(other, min(kmax, num_items), dim=1, sorted=True).values  # [B, L] best candidates, descending
     del other
+    return positions_from_top(top, n_cand, th, kmax)
+
+
+def positions_from_top(top: Tensor, n_cand: Tensor, th: Tensor, kmax: int) -> Tensor:
+    """Pessimistic positions ``[B, H]`` of held-out scores ``th`` from the best candidate scores ``top`` ``[B, L]``.
+
+    ``top`` holds each row's ``L = min(kmax, ·)`` best candidate scores (descending; held-out and masked items are
+    not candidates; entries past ``n_cand`` are fillers), ``n_cand`` ``[B]`` the number of candidates, ``th`` the
+    held-out scores (NaN on padding; a NaN held-out score must already be ``-inf``). Positions beyond ``kmax`` are
+    reported as ``kmax + 1``. Shared by the single-process path and the row-sharded path (``rayrec.eval.evaluate``).
+    """
+    L = top.shape[1]
+    device = top.device
     real = torch.arange(L, device=device).unsqueeze(0) < n_cand.unsqueeze(1)  # [B, L] entries that are candidates
     # unmasked non-held-out items with score >= s_h (ties pessimistic)
     at_or_above = ((top.unsqueeze(1) >= th.unsqueeze(2)) & real.unsqueeze(1)).sum(dim=2)  # [B, H]
     # other held-out items with a higher score, or an equal score and an earlier column
-    col = torch.arange(truth.shape[1], device=device)
+    col = torch.arange(th.shape[1], device=device)
     before = ((th.unsqueeze(1) > th.unsqueeze(2)) | ((th.unsqueeze(1) == th.unsqueeze(2)) & (col < col.unsqueeze(1)))).sum(dim=2)
     pos = 1 + at_or_above + before  # [B, H]
-    beyond = (n_cand > L).unsqueeze(1) & (th <= top[:, L - 1 : L])  # at least L >= kmax candidates above
-    return pos.masked_fill(beyond, kmax + 1)
+    if L > 0:
+        beyond = (n_cand > L).unsqueeze(1) & (th <= top[:, L - 1 : L])  # at least L >= kmax candidates above
+        pos = pos.masked_fill(beyond, kmax + 1)
+    return pos
 
 
-def _full_metrics_from_positions(pos: Tensor, valid: Tensor, ks: list[int]) -> dict[str, Tensor]:
+def full_metrics_from_positions(pos: Tensor, valid: Tensor, ks: list[int]) -> dict[str, Tensor]:
+    """Per-user Recall/NDCG/HR@K from held-out positions ``[B, H]`` (``valid`` marks real held-out entries)."""
     device = pos.device
     n_gt = valid.sum(dim=1)
     no_gt = n_gt == 0
@@ -317,7 +332,7 @@ def _full_ranking_block(
                 "(check that the train/valid/test splits are disjoint)"
             )
     pos = _heldout_positions(scores, exclude, truth, valid, max(ks))
-    return _full_metrics_from_positions(pos, valid, ks)
+    return full_metrics_from_positions(pos, valid, ks)
 
 
 def full_ranking_metrics(

@@ -9,9 +9,15 @@ from rayrec.models.neumf import NeuMF
 MODELS: dict[str, type[Recommender]] = {"bpr": BPR, "neumf": NeuMF}
 
 
-def build_model(name: str, num_users: int, num_items: int, dim: int, init_std: float = 0.01) -> Recommender:
+def build_model(name: str, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
+                sharded: bool = False) -> Recommender:
+    """A dense model, or (``sharded``) its TorchRec twin with tables on the meta device, ready for DMP."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    if sharded:
+        from rayrec.models.sharded import SHARDED_MODELS
+
+        return SHARDED_MODELS[name](num_users=num_users, num_items=num_items, dim=dim, init_std=init_std)
     return MODELS[name](num_users=num_users, num_items=num_items, dim=dim, init_std=init_std)
 
 

@@ -137,3 +137,6 @@ class ShardedNeuMF(Recommender):
         labels = torch.zeros_like(logits)
         labels[:, 0] = 1.0
         return reduce(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), reduction)
+
+
+SHARDED_MODELS: dict[str, type[Recommender]] = {"bpr": ShardedBPR, "neumf": ShardedNeuMF}

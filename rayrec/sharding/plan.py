@@ -46,8 +46,9 @@ def shard_model(
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 
     if sharding_type not in SHARDING_TYPES:
         raise ValueError(f"sharding type {sharding_type!r} is not one of {SHARDING_TYPES}")
@@ -59,14 +60,19 @@ def shard_model(
     pg = pg or dist.GroupMember.WORLD
     world = dist.get_world_size(pg)
     fused = {"optimizer": getattr(EmbOptimType, optimizer.upper()), "learning_rate": lr, "eps": eps}
-    if weight_decay:
-        fused["weight_decay"] = weight_decay
+    if weight_decay:  # L2 on the rows a batch touches (fbgemm applies it in the fused update)
+        from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+        fused.update(weight_decay=weight_decay, weight_decay_mode=WeightDecayMode.L2)
     sharder = EmbeddingCollectionSharder(fused_params=fused)
     kernel = "dense" if sharding_type == "data_parallel" else "fused"
     constraints = {t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel]) for t in _tables(model)}
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local_world)
-    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(model, [sharder], pg)
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world, local_world_size=local_world), kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
+                                       storage_reservation=FixedPercentageStorageReservation(0.1))
+    plan = planner.collective_plan(model, [sharder], pg)
     return DistributedModelParallel(model, plan=plan, sharders=[sharder], device=device, env=None)
 
 
@@ -108,3 +114,17 @@ def dense_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor]:
             dist.all_reduce(full)  # shards are disjoint: the sum is the full tensor
         out[k] = full
     return out
+
+
+@torch.no_grad()
+def snapshot_local(dmp: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Copies of this rank's pieces of every state-dict entry (a sharded "best weights" kept in memory)."""
+    return {k: [t.detach().clone() for _, t in _local_shards(v)] for k, v in dmp.state_dict().items()}
+
+
+@torch.no_grad()
+def restore_local(dmp: nn.Module, snap: dict[str, list[torch.Tensor]]) -> None:
+    """Write a :func:`snapshot_local` back into the live shards, in place."""
+    for k, v in dmp.state_dict().items():
+        for (_, t), saved in zip(_local_shards(v), snap[k]):
+            t.copy_(saved)

@@ -34,6 +34,15 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("eval.sampled needs data.num_eval_negatives > 0")
     if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
         raise ConfigError("ray.use_gpu needs ray.num_workers >= 1")
+    if cfg.model.sharding != "none":
+        if cfg.ray.num_workers == 0:
+            raise ConfigError("model.sharding needs ray.num_workers >= 1 (local mode has no process group)")
+        if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) != ("bpr", "row_wise"):
+            raise ConfigError("full ranking of a sharded model is implemented for bpr with model.sharding=row_wise; "
+                              "set eval.full=false (and eval.full_each_epoch=false) for this model")
+        if not cfg.ray.use_gpu and cfg.model.fused_optimizer == "adam":
+            raise ConfigError("model.fused_optimizer=adam needs CUDA (ray.use_gpu=true); on CPU use exact_sgd, "
+                              "exact_adagrad or exact_rowwise_adagrad")
 
 
 def prepared_root(cfg: ExperimentConfig) -> Path:

@@ -9,7 +9,6 @@ every configured protocol, reported with a final checkpoint, and returned by ran
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from rayrec.eval.evaluate import EvalData, evaluate
 from rayrec.models import build_model
 from rayrec.train.sampling import NegativeSampler, epoch_generator
 from rayrec.train.task import TrainTask
+from rayrec.train.weights import DenseWeights, ShardedWeights
 
 
 def _log(rank: int, msg: str) -> None:
@@ -47,12 +47,9 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _save(d: str, model, optim, state: dict, best_weights: dict | None) -> None:
-    torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+def _save_state(d: str, optim, state: dict) -> None:
     if optim is not None:
         torch.save(optim.state_dict(), os.path.join(d, "optim.pt"))
-    if best_weights is not None:
-        torch.save(best_weights, os.path.join(d, "best_model.pt"))
     with open(os.path.join(d, "state.json"), "w") as f:
         json.dump(state, f, indent=1)
 
@@ -80,12 +77,27 @@ def train_loop_per_worker(config: dict) -> dict | None:
     sampler = NegativeSampler(evald.train.indptr.numpy(), evald.train.indices.numpy(), pd.num_items)
 
     torch.manual_seed(tc.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std)
+    sharded = cfg.model.sharding != "none"
+    model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std, sharded=sharded)
     task = TrainTask(model, reduction=tc.loss_reduction, world_size=world)
-    # [ray] wrap in DDP (gloo on CPU, nccl on GPU) and move to this worker's device
-    task = ray.train.torch.prepare_model(task) if world > 1 else task.to(device)
-    model = task.module.model if hasattr(task, "module") else task.model
-    optim = torch.optim.Adam(task.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if sharded:
+        # [ray] TorchRec: tables sharded over Ray's process group, fused optimizer in backward, dense layers DDP
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        from rayrec.sharding import shard_model
+
+        task = shard_model(task, sharding_type=cfg.model.sharding, optimizer=cfg.model.fused_optimizer,
+                           lr=tc.lr, weight_decay=tc.weight_decay, device=device)
+        model = task.module.model
+        dense_params = [p for _, p in in_backward_optimizer_filter(task.named_parameters())]
+        weights = ShardedWeights(task)
+    else:
+        # [ray] wrap in DDP (gloo on CPU, nccl on GPU) and move to this worker's device
+        task = ray.train.torch.prepare_model(task) if world > 1 else task.to(device)
+        model = task.module.model if hasattr(task, "module") else task.model
+        dense_params = list(task.parameters())
+        weights = DenseWeights(model)
+    optim = torch.optim.Adam(dense_params, lr=tc.lr, weight_decay=tc.weight_decay) if dense_params else None
 
     state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights = None
@@ -95,18 +107,18 @@ def train_loop_per_worker(config: dict) -> dict | None:
         ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
-            if os.path.exists(os.path.join(d, "optim.pt")):
+            best_weights = weights.load(d, device)
+            if optim is not None and os.path.exists(os.path.join(d, "optim.pt")):
                 optim.load_state_dict(torch.load(os.path.join(d, "optim.pt"), map_location=device))
-            if os.path.exists(os.path.join(d, "best_model.pt")):
-                best_weights = torch.load(os.path.join(d, "best_model.pt"), map_location="cpu")
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
         _log(rank, f"[train] resumed at epoch {state['epoch']} (best {tc.monitor}={state['best']})")
 
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, tc.batch_size // max(world, 1))
-    _log(rank, f"[train] {cfg.model.name} d={cfg.model.dim} params={model.num_parameters():,} "
+    row_shard = weights.item_row_shard() if sharded else None
+    _log(rank, f"[train] {cfg.model.name} d={cfg.model.dim} params={weights.num_parameters():,} "
+               f"{'sharded ' + cfg.model.sharding + ' ' if sharded else ''}"
                f"workers={world} batch/worker={per_worker_batch} threads/worker={threads}")
 
     while state["epoch"] < tc.max_epochs and state["bad_epochs"] < tc.patience:
@@ -126,15 +138,18 @@ def train_loop_per_worker(config: dict) -> dict | None:
             users, pos = batch["user"], batch["item"]  # [B], [B]
             neg = sampler.sample(users, tc.num_negatives, gen)  # [B, N]
             loss, terms = task(users.to(device), pos.to(device), neg.to(device))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
+            if optim is not None:
+                optim.zero_grad(set_to_none=True)
+            loss.backward()  # sharded tables are updated here by their fused optimizer
+            if optim is not None:
+                optim.step()
             loss_sum += float(terms["base"])
             rows += len(users)
             steps += 1
         train_s = time.perf_counter() - t0
         loss_sum, rows, steps = _allreduce_sum([loss_sum, rows, steps])
-        metrics = evaluate(model, evald, "valid", ec, sampled=ec.sampled, full=ec.full_each_epoch, device=device)
+        metrics = evaluate(model, evald, "valid", ec, sampled=ec.sampled, full=ec.full_each_epoch, device=device,
+                           shard=row_shard, lockstep=sharded)
         eval_s = time.perf_counter() - t0 - train_s
         metrics.update({
             "epoch": epoch,
@@ -146,7 +161,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         value = metrics.get(tc.monitor)
         if _improved(value, state["best"], tc.monitor_mode):
             state.update(best=value, best_epoch=epoch, bad_epochs=0)
-            best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_weights = weights.snapshot()
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -159,18 +174,20 @@ def train_loop_per_worker(config: dict) -> dict | None:
         # [ray] report (a barrier on every rank) with a checkpoint written by rank 0
         if (epoch + 1) % tc.checkpoint_every == 0 or stop:
             with tempfile.TemporaryDirectory() as d:
+                weights.save(d, rank, best_weights)  # sharded: every rank writes its own shards
                 if rank == 0:
-                    _save(d, model, optim, state, best_weights)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                    _save_state(d, optim, state)
+                writes = rank == 0 or sharded
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
         else:
             ray.train.report(metrics)
 
     # Final: the best epoch's weights on valid and test, every configured protocol.
     if best_weights is not None:
-        model.load_state_dict(best_weights)
+        weights.restore(best_weights)
     final = {}
     for split in ("valid", "test"):
-        final.update(evaluate(model, evald, split, ec, device=device))
+        final.update(evaluate(model, evald, split, ec, device=device, shard=row_shard, lockstep=sharded))
     summary = {
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
@@ -178,7 +195,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         "monitor": tc.monitor,
         "best_monitor": state["best"],
         "metrics": final,
-        "num_parameters": model.num_parameters(),
+        "num_parameters": weights.num_parameters(),
         "world_size": world,
         "timing": {
             "epoch_train_s": sum(h["time/train_s"] for h in state["history"]) / max(len(state["history"]), 1),
@@ -188,9 +205,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
         "history": state["history"],
     }
     with tempfile.TemporaryDirectory() as d:
+        weights.save(d, rank, None)  # the best epoch's weights (restored above) as the final model
         if rank == 0:
-            torch.save(model.state_dict(), os.path.join(d, "best_model.pt"))
             Path(d, "summary.json").write_text(json.dumps(summary, indent=1))
         final_metrics = {**{f"final/{k}": v for k, v in final.items()}, "epoch": state["epoch"], "final": 1}
-        ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        writes = rank == 0 or sharded
+        ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
     return summary if rank == 0 else None

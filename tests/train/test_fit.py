@@ -49,7 +49,7 @@ def test_two_ddp_workers_learn_and_checkpoint_metrics(ray_session, prepared, tmp
     ckpt, metrics = result.best_checkpoints[0]
     assert "valid/H@5" in metrics or "final/test/H@5" in metrics
     final = Path(s["checkpoint"])
-    assert (final / "best_model.pt").exists()
+    assert (final / "model.pt").exists()  # the best epoch's weights
     assert json.loads((final / "summary.json").read_text())["best_epoch"] == s["best_epoch"]
     assert json.loads((Path(s["run_dir"]) / "summary.json").read_text())["metrics"] == s["metrics"]
 
@@ -93,3 +93,33 @@ def test_neumf_bce_trains_in_local_mode(ray_session, prepared, tmp_path):
     assert s["num_parameters"] == 2 * (938 + 1447) * 8 + (2 * 8 * 8 + 8) + (2 * 8 + 1)
     assert s["history"][1]["train/loss"] < s["history"][0]["train/loss"]
     assert s["metrics"]["test/H@10"] > 0.15  # random: 0.10
+
+
+def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(ray_session, prepared, tmp_path):
+    cfg = _cfg(tmp_path, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0", "train.max_epochs=2",
+               "ray.num_workers=2", "train.num_to_keep=3")
+    s = fit(cfg, prepared=prepared)
+    assert s["num_parameters"] == (938 + 1447) * 20  # global table sizes, not this rank's shard
+    assert s["metrics"]["test/H@10"] > 0.2, s["metrics"]  # random: 0.10
+    assert 0 < s["metrics"]["full/Recall@10"] <= 1  # distributed full ranking over the row-sharded item table
+    final = Path(s["checkpoint"])
+    assert (final / "model" / ".metadata").exists()
+    assert sorted(p.name for p in (final / "model").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    first = sorted(p for p in Path(s["run_dir"]).glob("checkpoint_*") if (p / "state.json").exists())[0]
+    assert json.loads((first / "state.json").read_text())["epoch"] == 1
+    # a checkpoint written by 2 workers resumes on 1 (DCP reshards on load)
+    cfg1 = _cfg(tmp_path, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0", "train.max_epochs=2",
+                "ray.num_workers=1")
+    r = fit(cfg1, prepared=prepared, resume_from=str(first))
+    assert r["world_size"] == 1 and [h["epoch"] for h in r["history"]] == [0, 1]
+    assert r["history"][0] == s["history"][0]  # epoch 0 came from the checkpoint, epoch 1 was trained here
+    assert r["metrics"]["test/H@10"] > 0.2
+
+
+def test_sharded_needs_workers(tmp_path):
+    with pytest.raises(ConfigError, match="num_workers >= 1"):
+        validate(_cfg(tmp_path, "model.sharding=row_wise", "ray.num_workers=0"))
+    with pytest.raises(ConfigError, match="row_wise"):
+        validate(_cfg(tmp_path, "model.sharding=table_wise"))
+    with pytest.raises(ConfigError, match="CUDA"):
+        validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=adam"))

@@ -1,0 +1,94 @@
+"""Saving, loading and snapshotting a model's weights, for dense (DDP) and TorchRec-sharded (DMP) models alike.
+
+Dense: rank 0 writes ``model.pt`` / ``best_model.pt``. Sharded: every rank writes its own shards with
+``torch.distributed.checkpoint`` into ``model/`` and ``best_model/`` of its own directory (Ray Train merges the
+ranks' directories into one checkpoint), so no rank ever holds a full table; loading works at another world size.
+The "best weights" of early stopping are kept in memory as a snapshot of this rank's pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class DenseWeights:
+    sharded = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def save(self, d: str | Path, rank: int, best: dict | None) -> None:
+        if rank == 0:
+            torch.save(self.model.state_dict(), os.path.join(d, "model.pt"))
+            if best is not None:
+                torch.save(best, os.path.join(d, "best_model.pt"))
+
+    def load(self, d: str | Path, device) -> dict | None:
+        self.model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
+        p = os.path.join(d, "best_model.pt")
+        return torch.load(p, map_location="cpu") if os.path.exists(p) else None
+
+
+class ShardedWeights:
+    sharded = True
+
+    def __init__(self, dmp: nn.Module) -> None:
+        self.dmp = dmp
+
+    def snapshot(self) -> dict:
+        from rayrec.sharding import snapshot_local
+
+        return snapshot_local(self.dmp)
+
+    def restore(self, snap: dict) -> None:
+        from rayrec.sharding import restore_local
+
+        restore_local(self.dmp, snap)
+
+    def num_parameters(self) -> int:  # global sizes, whatever this rank holds
+        return sum(math.prod(v.shape) for v in self.dmp.state_dict().values())
+
+    def save(self, d: str | Path, rank: int, best: dict | None) -> None:  # collective
+        from rayrec.sharding.checkpoint import write_shards
+
+        write_shards(self.dmp, Path(d) / "model")
+        if best is not None:
+            current = self.snapshot()
+            self.restore(best)
+            write_shards(self.dmp, Path(d) / "best_model")
+            self.restore(current)
+
+    def load(self, d: str | Path, device) -> dict | None:  # collective
+        from rayrec.sharding.checkpoint import load_sharded
+
+        best = None
+        if (Path(d) / "best_model" / ".metadata").exists():
+            load_sharded(self.dmp, Path(d) / "best_model")
+            best = self.snapshot()
+        load_sharded(self.dmp, Path(d) / "model")
+        return best
+
+    def item_row_shard(self):
+        """This rank's rows of the row-wise item table (BPR), for distributed full ranking."""
+        from rayrec.eval.evaluate import RowShard
+
+        for k, v in self.dmp.state_dict().items():
+            if k.endswith("ec.embeddings.item.weight") and hasattr(v, "local_shards"):
+                shards = v.local_shards()
+                if len(shards) == 1 and shards[0].metadata.shard_sizes[1] == v.shape[1]:
+                    return RowShard(shards[0].tensor.detach(), int(shards[0].metadata.shard_offsets[0]))
+        return None
