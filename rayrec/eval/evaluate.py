@@ -18,6 +18,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rayrec.config import EvalConfig
+from rayrec.distributed import all_gather_stack as _gather
+from rayrec.distributed import all_reduce as _allreduce
+from rayrec.distributed import world as _dist_world
 from rayrec.data.splits import user_items_csr
 from rayrec.eval.metrics import (
     chunk_size_for,
@@ -87,19 +90,6 @@ class EvalData:
         )
 
 
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _allreduce(vec: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        vec = vec.clone()
-        dist.all_reduce(vec, op=op)
-    return vec
-
-
 def _num_chunks(n: int, chunk: int, lockstep: bool) -> int:
     """Chunks this rank runs; with ``lockstep`` (sharded models: every lookup is a collective) the max over ranks."""
     mine = -(-n // chunk)
@@ -114,14 +104,6 @@ class RowShard:
     offset: int
 
 
-def _gather(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t.contiguous())
-        return torch.stack(out)
-    return t.unsqueeze(0)
-
-
 def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th: Tensor, shard: RowShard,
                        num_items: int, kmax: int) -> Tensor:
     """Pessimistic held-out positions for this rank's users against a row-sharded item table (collective).
@@ -131,8 +113,7 @@ def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th
     the top-``kmax`` candidate scores of *its* rows, and the per-rank lists are merged; no rank sees the full
     table or the full ``[users, items]`` score matrix.
     """
-    W = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, W = _dist_world()
     B, H = truth.shape
     # pad every rank's block to the same [B, H] (all_gather needs equal shapes)
     bh = _allreduce(torch.tensor([B, H]), dist.ReduceOp.MAX)

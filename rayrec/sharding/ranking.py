@@ -16,24 +16,10 @@ pads its chunk loop to the longest rank).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(t: Tensor) -> Tensor:
-    """``[n, ...]`` (same shape on every rank) -> ``[W, n, ...]``."""
-    rank, world = _world()
-    if world == 1:
-        return t.unsqueeze(0)
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous())
-    return torch.stack(out)
+from rayrec.distributed import all_gather_stack as _all_gather
+from rayrec.distributed import world as _world
 
 
 @torch.no_grad()

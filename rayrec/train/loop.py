@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from rayrec.config import ExperimentConfig, build
+from rayrec.distributed import all_reduce
 from rayrec.eval.evaluate import EvalData, evaluate
 from rayrec.models import build_model
 from rayrec.train.sampling import NegativeSampler, epoch_generator
@@ -33,10 +33,7 @@ def _log(rank: int, msg: str) -> None:
 
 
 def _allreduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
