@@ -1,0 +1,68 @@
+"""A frozen sharded teacher inside the distillation workers.
+
+:func:`load_frozen_teacher` builds the teacher's TorchRec model on the meta device, shards it over the workers'
+process group like in training (any world size: DCP reshards on load), loads the checkpoint's ``model/`` shards,
+and freezes it: ``eval()`` mode, a fused EXACT_SGD with learning rate 0 (fbgemm keeps no optimizer state for it),
+every lookup under ``torch.no_grad()``; the dense leaf parameters (NeuMF's MLP) get ``requires_grad=False``
+(sharded table views are not leaves and cannot be flagged, so the no-grad lookups are what keeps them frozen).
+
+Every rank must call the lookups the same number of times with batches of its own (they are collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rayrec.models import build_model
+from rayrec.sharding import shard_model
+from rayrec.sharding.checkpoint import load_sharded
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    """What the teacher gives a distillation step (``B`` rows, ``C`` candidates, ``D_t`` teacher dims)."""
+
+    user: dict[str, Tensor]  # name -> [B, D_t]
+    item: dict[str, Tensor]  # name -> [B, C, D_t]
+    scores: Tensor  # [B, C]
+
+
+class FrozenTeacher(nn.Module):
+    def __init__(self, dmp: nn.Module) -> None:
+        super().__init__()
+        self.dmp = dmp
+        self.model = dmp.module.model if hasattr(dmp.module, "model") else dmp.module
+        self.dmp.eval()
+        for p in self.dmp.parameters():
+            if p.is_leaf:
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":  # stays in eval mode whatever the caller asks
+        return super().train(False)
+
+    @torch.no_grad()
+    def lookup(self, users: Tensor, items: Tensor) -> TeacherOutput:
+        """Representations and scores for ``users`` ``[B]`` and candidates ``items`` ``[B, C]`` (collective)."""
+        return TeacherOutput(
+            user=self.model.user_repr(users),
+            item=self.model.item_repr(items),
+            scores=self.model.score(users, items),
+        )
+
+
+def load_frozen_teacher(checkpoint: str | Path, *, name: str, num_users: int, num_items: int, dim: int,
+                        sharding_type: str = "row_wise", device: torch.device | None = None) -> FrozenTeacher:
+    """Load a sharded teacher checkpoint (a Ray Train checkpoint directory holding ``model/``) frozen (collective)."""
+    from rayrec.train.task import TrainTask
+
+    ckpt = Path(checkpoint)
+    shards = ckpt / "model" if (ckpt / "model" / ".metadata").exists() else ckpt
+    model = build_model(name, num_users, num_items, dim, sharded=True)
+    # same module tree as in training (TrainTask -> model) so the checkpoint keys match
+    dmp = shard_model(TrainTask(model), sharding_type=sharding_type, optimizer="exact_sgd", lr=0.0, device=device)
+    load_sharded(dmp, shards)
+    return FrozenTeacher(dmp)
