@@ -18,10 +18,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rayrec.config import EvalConfig
+from rayrec.data.splits import user_items_csr
 from rayrec.distributed import all_gather_stack as _gather
 from rayrec.distributed import all_reduce as _allreduce
 from rayrec.distributed import world as _dist_world
-from rayrec.data.splits import user_items_csr
 from rayrec.eval.metrics import (
     chunk_size_for,
     full_metrics_from_positions,
@@ -105,7 +105,7 @@ class RowShard:
 
 
 def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th: Tensor, shard: RowShard,
-                       num_items: int, kmax: int) -> Tensor:
+                       kmax: int) -> Tensor:
     """Pessimistic held-out positions for this rank's users against a row-sharded item table (collective).
 
     ``q`` ``[B, D]`` user vectors, ``excl`` (row, item) pairs never ranked (train, valid when testing), ``truth``
@@ -234,7 +234,7 @@ def evaluate(
                     model.user_repr(dummy), model.score(dummy, dummy.view(1, 1))
                 pairs = [cs.rows(u) for cs in mask_csrs]
                 excl = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
-                pos = _sharded_positions(q, excl, truth, th, shard, data.num_items, kmax)
+                pos = _sharded_positions(q, excl, truth, th, shard, kmax)
                 if len(u) == 0:
                     continue
                 m = full_metrics_from_positions(pos, truth >= 0, cfg.full_ks)

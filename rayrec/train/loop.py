@@ -56,7 +56,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train.torch
 
     from rayrec.data.prepared import load_prepared
-
     from rayrec.runtime import quiet_ray_loggers
 
     quiet_ray_loggers()
@@ -168,7 +167,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                    f"(best {state['best']:.4f} @ {state['best_epoch']}) | {metrics['train/rows_per_s']:,.0f} rows/s "
                    f"| train {train_s:.1f}s eval {eval_s:.1f}s")
         stop = state["bad_epochs"] >= tc.patience or state["epoch"] >= tc.max_epochs
-        # [ray] report (a barrier on every rank) with a checkpoint written by rank 0
+        # [ray] report (a barrier on every rank) with a checkpoint: rank 0's files, plus every rank's shards
+        # when the tables are sharded (Ray merges the ranks' directories)
         if (epoch + 1) % tc.checkpoint_every == 0 or stop:
             with tempfile.TemporaryDirectory() as d:
                 weights.save(d, rank, best_weights)  # sharded: every rank writes its own shards
