@@ -67,10 +67,15 @@ class ModelConfig:
     sharding: Literal["none", "row_wise", "table_wise", "column_wise", "data_parallel"] = "none"
     # optimizer fused into the sharded tables' backward (lr/weight decay from train.*); CPU: exact_* only
     fused_optimizer: Literal["exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "adam"] = "exact_rowwise_adagrad"
+    # per-worker budget for the embedding tables + their fused optimizer state, in MiB (0: no limit). A sharded
+    # model whose estimated share exceeds it is refused before any worker starts (see rayrec.sharding.memory)
+    table_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
             raise ConfigError(f"model.dim must be > 0, got {self.dim}")
+        if self.table_budget_mb < 0:
+            raise ConfigError(f"model.table_budget_mb must be >= 0 (0: no limit), got {self.table_budget_mb}")
 
 
 @dataclass
@@ -128,6 +133,28 @@ class EvalConfig:
 
 
 @dataclass
+class RankConfig:
+    """The teacher's distributed ranking artifact: top-N items per user, and k nearest users / items."""
+
+    top_n: int = 500  # items per user, best first (DE-RRD and MKD sample from the teacher's top-N)
+    exclude: Literal["train", "none"] = "train"  # items never returned for a user
+    user_chunk: int = 1024  # users per rank per collective step (memory: W * user_chunk * I/W scores per rank)
+    user_neighbors: int = 0  # k nearest users by the teacher's user representations (0: none)
+    item_neighbors: int = 0  # k nearest items (0: none); MKD's NKD uses these
+    neighbor_metric: Literal["euclidean", "cosine", "dot"] = "euclidean"  # MKD: Euclidean after PCA
+    neighbor_pca: int = 150  # PCA components (centred) before the neighbour search; 0: raw representations
+
+    def __post_init__(self) -> None:
+        if self.top_n <= 0:
+            raise ConfigError(f"rank.top_n must be > 0, got {self.top_n}")
+        if self.user_chunk <= 0:
+            raise ConfigError(f"rank.user_chunk must be > 0, got {self.user_chunk}")
+        for k in ("user_neighbors", "item_neighbors", "neighbor_pca"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"rank.{k} must be >= 0, got {getattr(self, k)}")
+
+
+@dataclass
 class RayConfig:
     """How Ray is reached and how many workers train."""
 
@@ -154,6 +181,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,12 +5,13 @@ from rayrec.sharding.plan import (
     SHARDING_TYPES,
     dense_state_dict,
     load_dense_state_dict,
+    local_row_block,
     restore_local,
     shard_model,
     snapshot_local,
 )
 
 __all__ = [
-    "FUSED_OPTIMIZERS", "SHARDING_TYPES", "dense_state_dict", "load_dense_state_dict", "restore_local", "shard_model",
+    "FUSED_OPTIMIZERS", "SHARDING_TYPES", "dense_state_dict", "load_dense_state_dict", "local_row_block", "restore_local", "shard_model",
     "snapshot_local",
 ]

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from rayrec.errors import ArtifactError
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -61,8 +63,40 @@ def load_sharded(dmp: nn.Module, directory: str | Path) -> dict | None:
     Returns rank 0's ``extra`` (or None)."""
     directory = Path(directory)
     if not (directory / ".metadata").exists():
-        raise FileNotFoundError(f"{directory} is not a sharded checkpoint (no .metadata)")
+        raise ArtifactError(f"{directory} is not a sharded checkpoint (no .metadata)")
     sd = dmp.state_dict()
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    missing = sorted(k for k in sd if k not in saved)
+    wrong = [f"{k}: checkpoint {tuple(saved[k].size)} vs model {tuple(v.shape)}" for k, v in sd.items()
+             if k in saved and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape)]
+    if missing or wrong:
+        raise ArtifactError(f"{directory}: checkpoint does not match the configured model ("
+                            + "; ".join(wrong + ([f"missing {missing}"] if missing else []))
+                            + "); check model.name / model.dim and the prepared data")
     dcp.load(sd, checkpoint_id=str(directory))
     extra = directory / "extra.json"
     return json.loads(extra.read_text()) if extra.exists() else None
+
+
+def export_dense(directory: str | Path, out: str | Path | None = None) -> dict:
+    """Read a whole sharded checkpoint into one plain state dict in a single process (small teachers: tests,
+    single-process tools); also ``torch.save`` it to ``out`` (atomically) when given. Keys as in training."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    directory = Path(directory)
+    if (directory / "model" / ".metadata").exists():
+        directory = directory / "model"
+    if not (directory / ".metadata").exists():
+        raise FileNotFoundError(f"{directory} is not a sharded checkpoint (no .metadata)")
+    target = Path(out) if out is not None else None
+    tmp = (target.parent if target else directory.parent) / f".export-{os.getpid()}.pt"
+    try:
+        dcp_to_torch_save(str(directory), str(tmp))
+        state = torch.load(tmp, map_location="cpu")
+        if target is not None:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return state

@@ -19,6 +19,8 @@ from torch import nn
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "data_parallel")
 FUSED_OPTIMIZERS = ("exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "adam")
 _CPU_OK = {"exact_sgd", "exact_adagrad", "exact_rowwise_adagrad"}
+# fbgemm's SGD and (element-wise) Adagrad kernels take no weight decay: a value would be silently ignored
+NO_WEIGHT_DECAY = {"exact_sgd", "exact_adagrad"}
 
 
 def _tables(model: nn.Module) -> list[str]:
@@ -57,6 +59,9 @@ def shard_model(
     device = device or torch.device("cpu")
     if device.type == "cpu" and optimizer not in _CPU_OK:
         raise ValueError(f"fused optimizer {optimizer!r} needs CUDA; on CPU use one of {sorted(_CPU_OK)}")
+    if weight_decay and optimizer in NO_WEIGHT_DECAY:
+        raise ValueError(f"fused optimizer {optimizer!r} has no weight decay in fbgemm; use exact_rowwise_adagrad "
+                         "(L2 on the rows a batch touches) or weight_decay=0")
     pg = pg or dist.GroupMember.WORLD
     world = dist.get_world_size(pg)
     fused = {"optimizer": getattr(EmbOptimType, optimizer.upper()), "learning_rate": lr, "eps": eps}
@@ -128,3 +133,22 @@ def restore_local(dmp: nn.Module, snap: dict[str, list[torch.Tensor]]) -> None:
     for k, v in dmp.state_dict().items():
         for (_, t), saved in zip(_local_shards(v), snap[k]):
             t.copy_(saved)
+
+
+def local_row_block(dmp: nn.Module, table: str) -> tuple[torch.Tensor, int]:
+    """This rank's contiguous rows ``[offset, offset + n)`` of a row-wise sharded table: ``(rows [n, D], offset)``.
+
+    ``table`` is the table's name (``item``, ``gmf_user`` ...). Raises ``ValueError`` when the table is not
+    row-wise sharded (ranking and neighbours load the teacher row-wise whatever it was trained with: DCP reshards).
+    """
+    suffix = f"embeddings.{table}.weight"
+    for k, v in dmp.state_dict().items():
+        if k.endswith(suffix):
+            shards = _local_shards(v)
+            if not shards:  # a rank may hold no rows of a small table
+                return torch.zeros(0, v.shape[1], dtype=v.dtype), 0
+            if len(shards) != 1 or shards[0][1].shape[1] != v.shape[1]:
+                raise ValueError(f"table {table!r} is not row-wise sharded on this rank ({len(shards)} pieces)")
+            offsets, t = shards[0]
+            return t.detach(), int(offsets[0])
+    raise KeyError(f"no table {table!r} in the model (state dict keys end in {suffix!r}?)")

@@ -15,6 +15,8 @@ pads its chunk loop to the longest rank).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,7 @@ def sharded_topk(
     exclude_indptr: Tensor | None = None,
     exclude_indices: Tensor | None = None,
     exclude_self: bool = False,
+    score_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Dot-product top-``k`` of this rank's ``queries`` over the row-sharded keys of all ranks (collective).
 
@@ -43,23 +46,25 @@ def sharded_topk(
         k: list length (at most the number of keys overall).
         exclude_indptr, exclude_indices: CSR over query ids of key ids never returned (e.g. train items).
         exclude_self: never return a query's own id (item neighbours).
+        score_fn: ``(queries [Q, D_q], local_keys [I_r, D_k]) -> scores [Q, I_r]``; default the dot product
+            (NeuMF passes its GMF + MLP scorer; queries and keys then hold both parts side by side).
 
     Returns:
         ``(scores [B_r, k], ids [B_r, k])``, best first. Slots with no admissible key hold ``-inf`` / ``-1``.
     """
     rank, world = _world()
-    D = local_keys.shape[1]
+    D = queries.shape[1]
     n = torch.tensor([queries.shape[0]], dtype=torch.int64)
     sizes = _all_gather(n).flatten()  # [W]
     bmax = int(sizes.max())
-    q = torch.zeros(bmax, D, dtype=local_keys.dtype)
+    q = torch.zeros(bmax, D, dtype=queries.dtype)
     q[: queries.shape[0]] = queries
     ids = torch.full((bmax,), -1, dtype=torch.int64)
     ids[: queries.shape[0]] = query_ids
     all_q = _all_gather(q).reshape(world * bmax, D)  # [W·B, D]
     all_ids = _all_gather(ids).reshape(world * bmax)  # [W·B]
 
-    scores = all_q @ local_keys.T  # [W·B, I_r]
+    scores = score_fn(all_q, local_keys) if score_fn is not None else all_q @ local_keys.T  # [W·B, I_r]
     I_r = local_keys.shape[0]
     if exclude_indptr is not None and I_r > 0:
         from rayrec.eval.evaluate import CSR

@@ -40,6 +40,9 @@ def validate(cfg: ExperimentConfig) -> None:
         if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) != ("bpr", "row_wise"):
             raise ConfigError("full ranking of a sharded model is implemented for bpr with model.sharding=row_wise; "
                               "set eval.full=false (and eval.full_each_epoch=false) for this model")
+        if cfg.train.weight_decay and cfg.model.fused_optimizer in ("exact_sgd", "exact_adagrad"):
+            raise ConfigError(f"model.fused_optimizer={cfg.model.fused_optimizer} has no weight decay in fbgemm (it "
+                              "would be ignored); set train.weight_decay=0 or use exact_rowwise_adagrad")
         if not cfg.ray.use_gpu and cfg.model.fused_optimizer == "adam":
             raise ConfigError("model.fused_optimizer=adam needs CUDA (ray.use_gpu=true); on CPU use exact_sgd, "
                               "exact_adagrad or exact_rowwise_adagrad")
@@ -62,6 +65,15 @@ def fit(
 
     if prepared is None:
         prepared = prepare(cfg.data, prepared_root(cfg), progress=progress)
+    if cfg.model.table_budget_mb:
+        from rayrec.sharding.memory import check_table_budget
+
+        counts = json.loads((Path(prepared) / "manifest.json").read_text())["counts"]
+        need = check_table_budget(cfg.model.name, int(counts["users"]), int(counts["items"]), cfg.model.dim,
+                                  cfg.model.sharding if cfg.model.sharding != "none" else "data_parallel",
+                                  cfg.model.fused_optimizer if cfg.model.sharding != "none" else "adam",
+                                  max(cfg.ray.num_workers, 1), cfg.model.table_budget_mb)
+        progress(f"[fit] tables: {need / 2**20:,.1f} MiB per worker (budget {cfg.model.table_budget_mb:g} MiB)")
 
     import ray.data
     import ray.train

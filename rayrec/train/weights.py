@@ -83,12 +83,12 @@ class ShardedWeights:
         return best
 
     def item_row_shard(self):
-        """This rank's rows of the row-wise item table (BPR), for distributed full ranking."""
+        """This rank's rows of the row-wise item table (BPR), for distributed full ranking; None otherwise."""
         from rayrec.eval.evaluate import RowShard
+        from rayrec.sharding import local_row_block
 
-        for k, v in self.dmp.state_dict().items():
-            if k.endswith("ec.embeddings.item.weight") and hasattr(v, "local_shards"):
-                shards = v.local_shards()
-                if len(shards) == 1 and shards[0].metadata.shard_sizes[1] == v.shape[1]:
-                    return RowShard(shards[0].tensor.detach(), int(shards[0].metadata.shard_offsets[0]))
-        return None
+        try:
+            rows, offset = local_row_block(self.dmp, "item")
+        except (KeyError, ValueError):
+            return None
+        return RowShard(rows, offset)

@@ -4,10 +4,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
 
 from rayrec.config import CONFIG_DIR, RayConfig, load_config
+from rayrec.data.prepared import load_prepared
 from rayrec.errors import ConfigError
 from rayrec.runtime import check_resources
 from rayrec.train.fit import fit, validate
@@ -96,8 +99,14 @@ def test_neumf_bce_trains_in_local_mode(ray_session, prepared, tmp_path):
 
 
 def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(ray_session, prepared, tmp_path):
+    # a per-worker table budget that one worker cannot meet: refused at 1 worker, trains at 2
+    # (BPR d=20: (938 + 1447) x (20 + 1) x 4 B = 0.191 MiB with row-wise Adagrad state; half of it per worker)
+    budget = ["model.table_budget_mb=0.15"]
+    with pytest.raises(ConfigError, match=r"0.2 MiB per worker .* ray.num_workers=1, over model.table_budget_mb=0.15; "
+                                          r"use ray.num_workers >= 2"):
+        fit(_cfg(tmp_path, "model.sharding=row_wise", "ray.num_workers=1", *budget), prepared=prepared)
     cfg = _cfg(tmp_path, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0", "train.max_epochs=2",
-               "ray.num_workers=2", "train.num_to_keep=3")
+               "ray.num_workers=2", "train.num_to_keep=3", *budget)
     s = fit(cfg, prepared=prepared)
     assert s["num_parameters"] == (938 + 1447) * 20  # global table sizes, not this rank's shard
     assert s["metrics"]["test/H@10"] > 0.2, s["metrics"]  # random: 0.10
@@ -107,6 +116,27 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     assert sorted(p.name for p in (final / "model").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     first = sorted(p for p in Path(s["run_dir"]).glob("checkpoint_*") if (p / "state.json").exists())[0]
     assert json.loads((first / "state.json").read_text())["epoch"] == 1
+
+    # distributed ranking of the trained teacher (2 workers, row blocks) equals brute force on its dense export
+    from rayrec.sharding.checkpoint import export_dense
+    from rayrec.teacher.rank import load_ranking, rank_teacher
+
+    rcfg = _cfg(tmp_path, "model.sharding=row_wise", "ray.num_workers=2", "rank.top_n=50", "rank.user_chunk=200",
+                "rank.item_neighbors=5", "rank.neighbor_pca=0", "rank.neighbor_metric=cosine")
+    out = rank_teacher(rcfg, final, prepared=prepared)
+    rk = load_ranking(out, verify=True)
+    assert rk.manifest["counts"] == {"topn": 938, "item_neighbors": 1447} and rk.manifest["world_size"] == 2
+    dense = export_dense(final)
+    scores = dense["model.ec.embeddings.user.weight"] @ dense["model.ec.embeddings.item.weight"].T  # [U, I]
+    train = np.zeros(scores.shape, dtype=bool)
+    pd_ = load_prepared(prepared)
+    train[pd_.train_user, pd_.train_item] = True
+    scores[torch.from_numpy(train)] = -torch.inf
+    want = torch.topk(scores, 50, dim=1).values.numpy()
+    np.testing.assert_allclose(rk.scores, want, rtol=1e-4, atol=1e-5)
+    assert not np.take_along_axis(train, rk.items, 1).any()  # never a train item
+    nb, _ = rk.neighbors("item")
+    assert nb.shape == (1447, 5) and not (nb == np.arange(1447)[:, None]).any()
     # a checkpoint written by 2 workers resumes on 1 (DCP reshards on load)
     cfg1 = _cfg(tmp_path, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0", "train.max_epochs=2",
                 "ray.num_workers=1")
@@ -123,3 +153,5 @@ def test_sharded_needs_workers(tmp_path):
         validate(_cfg(tmp_path, "model.sharding=table_wise"))
     with pytest.raises(ConfigError, match="CUDA"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=adam"))
+    with pytest.raises(ConfigError, match="no weight decay"):
+        validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=exact_adagrad", "train.weight_decay=0.1"))

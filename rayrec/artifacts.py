@@ -1,0 +1,84 @@
+"""Atomic artifact directories with a manifest written last.
+
+Every artifact that several processes write (rankings, neighbours) goes to a temporary directory beside its
+target (``.<name>.tmp-<id>``); when every part is there, :func:`commit_dir` writes ``manifest.json`` (kind, the
+caller's fields, and every file's size and sha256) and renames the directory into place. A reader calls
+:func:`read_manifest`, which refuses a directory without a complete manifest or with a file that differs from it,
+saying which job to rerun. A crash at any point leaves either the previous artifact or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rayrec.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+
+
+def temp_dir_for(target: str | Path) -> Path:
+    """A fresh, empty temporary directory beside ``target`` (same filesystem, so the final rename is atomic)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def commit_dir(tmp: str | Path, target: str | Path, kind: str, fields: dict[str, Any]) -> Path:
+    """Write the manifest of ``tmp`` (last) and rename ``tmp`` to ``target``, replacing an older ``target``."""
+    tmp, target = Path(tmp), Path(target)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+        "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+    }
+    part = tmp / f".{MANIFEST}.part"
+    part.write_text(json.dumps(manifest, indent=1, default=str))
+    os.rename(part, tmp / MANIFEST)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    return target
+
+
+def read_manifest(directory: str | Path, kind: str, rerun: str, verify: bool = False) -> dict[str, Any]:
+    """The manifest of a committed artifact of ``kind``; :class:`ArtifactError` naming ``rerun`` otherwise.
+
+    ``verify`` also re-hashes every listed file (sizes are always checked).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"{d}: {kind} not found; run {rerun}")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise ArtifactError(f"{d}: no complete {MANIFEST}, so not a finished {kind}; run {rerun} again") from None
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{d}: holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    for f in manifest.get("files", []):
+        p = d / f["path"]
+        if not p.is_file() or p.stat().st_size != f["bytes"] or (verify and _sha256(p) != f["sha256"]):
+            raise ArtifactError(f"{p}: missing or changed since its manifest was written; run {rerun} again")
+    return manifest
