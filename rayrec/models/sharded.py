@@ -41,6 +41,36 @@ def _kjt(groups: dict[str, Tensor], keys: list[str]) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
+def _embed(ec: EmbeddingCollection, groups: dict[str, Tensor], keys: list[str], one_id_per_row: bool,
+           dim: int) -> dict[str, Tensor]:
+    """Look up ``{feature: ids [B, C_f]}`` -> ``{feature: [B, C_f, D]}`` through the (sharded) collection.
+
+    ``one_id_per_row``: feed a KJT in which every feature has exactly one id in each of ``n = max_f B·C_f`` rows
+    (narrower features repeated, absent ones padded with id 0 and dropped). TorchRec 1.8's data-parallel "dense"
+    kernel on CPU pools: it returns ``[rows, F·D]`` whatever the lengths, so only this layout is read correctly;
+    :func:`rayrec.sharding.shard_model` turns it on for ``data_parallel``.
+    """
+    if not one_id_per_row:
+        out = ec(_kjt(groups, keys))
+        return {k: out[k].values().view(*ids.shape, dim) for k, ids in groups.items()}
+    n = max(ids.numel() for ids in groups.values())
+    device = next(iter(groups.values())).device
+    flat, reps = {}, {}
+    for k in keys:
+        ids = groups.get(k)
+        if ids is None:
+            flat[k] = torch.zeros(n, 1, dtype=torch.int64, device=device)
+            continue
+        reps[k] = n // ids.numel()
+        flat[k] = ids.reshape(-1).repeat_interleave(reps[k]).view(n, 1)
+    out = ec(_kjt(flat, keys))
+    # the kernel's [n, F·D] output (row-major: row r holds every feature's vector) comes back split as if it were
+    # [F·n, D] feature-major; put the F blocks back together and read feature f of every row
+    order = getattr(ec, "_embedding_names_per_sharding", [keys])[0]
+    rows = torch.cat([out[k].values() for k in order]).view(n, len(order), dim)  # [n, F, D]
+    return {k: rows[:: reps[k], order.index(k)].reshape(*ids.shape, dim) for k, ids in groups.items()}
+
+
 def _tables(prefix: str, num_users: int, num_items: int, dim: int, init_std: float) -> list[EmbeddingConfig]:
     init = partial(nn.init.normal_, mean=0.0, std=init_std)
     return [
@@ -55,6 +85,7 @@ class ShardedBPR(Recommender):
     """BPR-MF with TorchRec tables ``user`` ``[U, D]`` and ``item`` ``[I, D]`` (see :class:`rayrec.models.bpr.BPR`)."""
 
     KEYS = ["user", "item"]
+    one_id_per_row = False  # set by shard_model for data_parallel (see _embed)
 
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
                  device: torch.device | str = "meta") -> None:
@@ -62,17 +93,20 @@ class ShardedBPR(Recommender):
         self.num_users, self.num_items, self.dim = num_users, num_items, dim
         self.ec = EmbeddingCollection(tables=_tables("", num_users, num_items, dim, init_std), device=torch.device(device))
 
+    def _embed(self, groups: dict[str, Tensor]) -> dict[str, Tensor]:
+        return _embed(self.ec, groups, self.KEYS, self.one_id_per_row, self.dim)
+
     def _lookup(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
         B, C = items.shape
-        out = self.ec(_kjt({"user": users.view(B, 1), "item": items}, self.KEYS))
-        return out["user"].values(), out["item"].values().view(B, C, self.dim)  # [B, D], [B, C, D]
+        out = self._embed({"user": users.view(B, 1), "item": items})
+        return out["user"].view(B, self.dim), out["item"]  # [B, D], [B, C, D]
 
     def user_repr(self, users: Tensor) -> dict[str, Tensor]:
-        return {"emb": self.ec(_kjt({"user": users.view(-1, 1)}, self.KEYS))["user"].values()}  # [B, D]
+        return {"emb": self._embed({"user": users.view(-1, 1)})["user"].view(-1, self.dim)}  # [B, D]
 
     def item_repr(self, items: Tensor) -> dict[str, Tensor]:
         flat = items.reshape(-1, 1)
-        return {"emb": self.ec(_kjt({"item": flat}, self.KEYS))["item"].values().view(*items.shape, self.dim)}
+        return {"emb": self._embed({"item": flat})["item"].view(*items.shape, self.dim)}
 
     def score(self, users: Tensor, items: Tensor) -> Tensor:
         u, v = self._lookup(users, items)
@@ -91,6 +125,7 @@ class ShardedNeuMF(Recommender):
     prediction layer are dense and data-parallel (see :class:`rayrec.models.neumf.NeuMF`)."""
 
     KEYS = ["gmf_user", "gmf_item", "mlp_user", "mlp_item"]
+    one_id_per_row = False  # set by shard_model for data_parallel (see _embed)
 
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
                  device: torch.device | str = "meta") -> None:
@@ -107,21 +142,23 @@ class ShardedNeuMF(Recommender):
         nn.init.zeros_(self.mlp.bias)
         nn.init.zeros_(self.predict.bias)
 
+    def _embed(self, groups: dict[str, Tensor]) -> dict[str, Tensor]:
+        return _embed(self.ec, groups, self.KEYS, self.one_id_per_row, self.dim)
+
     def _lookup(self, users: Tensor, items: Tensor) -> dict[str, Tensor]:
         B, C = items.shape
         u = users.view(B, 1)
-        out = self.ec(_kjt({"gmf_user": u, "gmf_item": items, "mlp_user": u, "mlp_item": items}, self.KEYS))
-        return {k: out[k].values().view(B, -1, self.dim) for k in ("gmf_user", "gmf_item", "mlp_user", "mlp_item")}
+        return self._embed({"gmf_user": u, "gmf_item": items, "mlp_user": u, "mlp_item": items})  # [B, 1|C, D]
 
     def user_repr(self, users: Tensor) -> dict[str, Tensor]:
         u = users.view(-1, 1)
-        out = self.ec(_kjt({"gmf_user": u, "mlp_user": u}, self.KEYS))
-        return {"gmf": out["gmf_user"].values(), "mlp": out["mlp_user"].values()}  # each [B, D]
+        out = self._embed({"gmf_user": u, "mlp_user": u})
+        return {"gmf": out["gmf_user"].view(-1, self.dim), "mlp": out["mlp_user"].view(-1, self.dim)}  # [B, D]
 
     def item_repr(self, items: Tensor) -> dict[str, Tensor]:
         flat = items.reshape(-1, 1)
-        out = self.ec(_kjt({"gmf_item": flat, "mlp_item": flat}, self.KEYS))
-        return {k.split("_")[0]: out[k].values().view(*items.shape, self.dim) for k in ("gmf_item", "mlp_item")}
+        out = self._embed({"gmf_item": flat, "mlp_item": flat})
+        return {k.split("_")[0]: out[k].view(*items.shape, self.dim) for k in ("gmf_item", "mlp_item")}
 
     def score(self, users: Tensor, items: Tensor) -> Tensor:
         e = self._lookup(users, items)  # user parts [B, 1, D], item parts [B, C, D]

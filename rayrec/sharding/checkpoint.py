@@ -78,6 +78,24 @@ def load_sharded(dmp: nn.Module, directory: str | Path) -> dict | None:
     return json.loads(extra.read_text()) if extra.exists() else None
 
 
+def write_optimizer_shards(dmp: nn.Module, directory: str | Path) -> bool:
+    """Write this rank's shards of the fused optimizer's state (row-wise Adagrad accumulators ...) with DCP
+    (collective). False, writing nothing, when the optimizer keeps no state (EXACT_SGD)."""
+    opt = getattr(dmp, "fused_optimizer", None)
+    sd = opt.state_dict() if opt is not None else {"state": {}}
+    if not any(sd["state"].values()):
+        return False
+    dcp.save(sd, checkpoint_id=str(directory))
+    return True
+
+
+def load_optimizer_shards(dmp: nn.Module, directory: str | Path) -> None:
+    """Load fused optimizer state written by :func:`write_optimizer_shards`, at any world size (collective)."""
+    sd = dmp.fused_optimizer.state_dict()
+    dcp.load(sd, checkpoint_id=str(directory))
+    dmp.fused_optimizer.load_state_dict(sd)
+
+
 def export_dense(directory: str | Path, out: str | Path | None = None) -> dict:
     """Read a whole sharded checkpoint into one plain state dict in a single process (small teachers: tests,
     single-process tools); also ``torch.save`` it to ``out`` (atomically) when given. Keys as in training."""

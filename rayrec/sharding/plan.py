@@ -78,6 +78,9 @@ def shard_model(
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
                                        storage_reservation=FixedPercentageStorageReservation(0.1))
     plan = planner.collective_plan(model, [sharder], pg)
+    for m in model.modules():  # TorchRec 1.8's CPU data-parallel kernel reads one id per row only (models/sharded)
+        if hasattr(m, "one_id_per_row"):
+            m.one_id_per_row = sharding_type == "data_parallel"
     return DistributedModelParallel(model, plan=plan, sharders=[sharder], device=device, env=None)
 
 
@@ -109,16 +112,19 @@ def load_dense_state_dict(dmp: nn.Module, dense: dict[str, torch.Tensor]) -> Non
 @torch.no_grad()
 def dense_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor]:
     """Gather every table and dense parameter into plain tensors on every rank (small models only)."""
-    out = {}
-    for k, v in dmp.state_dict().items():
-        full = torch.zeros(v.shape, dtype=v.dtype)
-        for offsets, t in _local_shards(v):
-            index = tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))
-            full[index] = t.detach().cpu()
-        if dist.is_initialized() and dist.get_world_size() > 1 and hasattr(v, "local_shards"):
-            dist.all_reduce(full)  # shards are disjoint: the sum is the full tensor
-        out[k] = full
-    return out
+    return {k: gather_full(v) for k, v in dmp.state_dict().items()}
+
+
+@torch.no_grad()
+def gather_full(v) -> torch.Tensor:
+    """A ShardedTensor (or plain tensor) as one full tensor on every rank (collective for sharded values)."""
+    full = torch.zeros(v.shape, dtype=v.dtype)
+    for offsets, t in _local_shards(v):
+        index = tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))
+        full[index] = t.detach().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1 and hasattr(v, "local_shards"):
+        dist.all_reduce(full)  # shards are disjoint: the sum is the full tensor
+    return full
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Saving, loading and snapshotting a model's weights, for dense (DDP) and TorchRec-sharded (DMP) models alike.
 
 Dense: rank 0 writes ``model.pt`` / ``best_model.pt``. Sharded: every rank writes its own shards with
-``torch.distributed.checkpoint`` into ``model/`` and ``best_model/`` of its own directory (Ray Train merges the
+``torch.distributed.checkpoint`` into ``model/``, ``best_model/`` and ``fused_optim/`` (the fused optimizer's
+state, e.g. row-wise Adagrad accumulators) of its own directory (Ray Train merges the
 ranks' directories into one checkpoint), so no rank ever holds a full table; loading works at another world size.
 The "best weights" of early stopping are kept in memory as a snapshot of this rank's pieces.
 """
@@ -65,7 +66,10 @@ class ShardedWeights:
     def save(self, d: str | Path, rank: int, best: dict | None) -> None:  # collective
         from rayrec.sharding.checkpoint import write_shards
 
+        from rayrec.sharding.checkpoint import write_optimizer_shards
+
         write_shards(self.dmp, Path(d) / "model")
+        write_optimizer_shards(self.dmp, Path(d) / "fused_optim")  # resume continues the Adagrad accumulators
         if best is not None:
             current = self.snapshot()
             self.restore(best)
@@ -73,13 +77,15 @@ class ShardedWeights:
             self.restore(current)
 
     def load(self, d: str | Path, device) -> dict | None:  # collective
-        from rayrec.sharding.checkpoint import load_sharded
+        from rayrec.sharding.checkpoint import load_optimizer_shards, load_sharded
 
         best = None
         if (Path(d) / "best_model" / ".metadata").exists():
             load_sharded(self.dmp, Path(d) / "best_model")
             best = self.snapshot()
         load_sharded(self.dmp, Path(d) / "model")
+        if (Path(d) / "fused_optim" / ".metadata").exists():
+            load_optimizer_shards(self.dmp, Path(d) / "fused_optim")
         return best
 
     def item_row_shard(self):

@@ -10,7 +10,9 @@ import torch.multiprocessing as mp
 
 from rayrec.models.sharded import ShardedBPR
 from rayrec.sharding import dense_state_dict, shard_model
-from rayrec.sharding.checkpoint import load_sharded, save_sharded
+from rayrec.sharding.checkpoint import load_optimizer_shards, load_sharded, save_sharded, write_optimizer_shards
+from rayrec.sharding.plan import _local_shards
+from rayrec.train.task import TrainTask
 
 U, I, D = 11, 23, 4
 
@@ -20,15 +22,26 @@ def _worker(rank, world, port, mode, sharding_type, ckpt, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(1234 if mode == "save" else 99)  # different init: a load must overwrite everything
-    dmp = shard_model(ShardedBPR(U, I, D, init_std=0.3), sharding_type=sharding_type, optimizer="exact_sgd", lr=0.0)
-    if mode == "save":
+    dmp = shard_model(TrainTask(ShardedBPR(U, I, D, init_std=0.3)), sharding_type=sharding_type,
+                      optimizer="exact_rowwise_adagrad", lr=0.1)
+    if mode == "save":  # a training step fills the row-wise Adagrad accumulators of the rows it touched
+        g = torch.Generator().manual_seed(rank)
+        loss, _ = dmp(torch.randint(0, U, (6,), generator=g), torch.randint(0, I, (6,), generator=g),
+                      torch.randint(0, I, (6, 2), generator=g))
+        loss.backward()
         save_sharded(dmp, ckpt, extra={"epoch": 7, "world": world})
+        assert write_optimizer_shards(dmp, f"{ckpt}_optim")
         files = sorted(p.name for p in __import__("pathlib").Path(ckpt).iterdir())
         extra = None
     else:
         extra = load_sharded(dmp, ckpt)
+        load_optimizer_shards(dmp, f"{ckpt}_optim")
         files = None
     full = dense_state_dict(dmp)
+    # optimizer state: this rank's pieces (with table-wise sharding a rank only has state for its own tables)
+    pieces = [(f"{k}/{n}", tuple(t.shape), _local_shards(t)) for k, v in dmp.fused_optimizer.state_dict()["state"].items()
+              for n, t in v.items()]
+    torch.save(pieces, f"{out}.optim.{rank}")
     if rank == 0:
         torch.save({"full": full, "files": files, "extra": extra}, out)
     dist.destroy_process_group()
@@ -39,7 +52,14 @@ def _run(world, mode, sharding_type, ckpt, out):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(world, port, mode, sharding_type, str(ckpt), str(out)), nprocs=world, join=True)
-    return torch.load(out)
+    r = torch.load(out)
+    r["optim"] = {}
+    for rank in range(world):  # assemble the full optimizer state from every rank's pieces
+        for name, shape, shards in torch.load(f"{out}.optim.{rank}"):
+            full = r["optim"].setdefault(name, torch.zeros(shape))
+            for offsets, t in shards:
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+    return r
 
 
 @pytest.mark.parametrize("save_world, load_world, load_type", [(2, 1, "row_wise"), (2, 2, "table_wise"), (1, 2, "row_wise")])
@@ -53,3 +73,8 @@ def test_round_trip_across_world_sizes(tmp_path, save_world, load_world, load_ty
     assert loaded["extra"] == {"epoch": 7, "world": save_world}
     for k, v in saved["full"].items():
         torch.testing.assert_close(loaded["full"][k], v, rtol=0, atol=0)
+    # the fused optimizer's state (row-wise Adagrad: one accumulator per row) round-trips too, resharded
+    assert saved["optim"].keys() == loaded["optim"].keys() and saved["optim"]
+    for k, t in saved["optim"].items():
+        assert (t > 0).any()  # the step touched some rows
+        torch.testing.assert_close(loaded["optim"][k], t, rtol=0, atol=0)

@@ -53,9 +53,9 @@ def _worker(rank, world, port, name, sharding_type, out):
 
 @pytest.mark.parametrize(
     "name, sharding_type",
-    # data_parallel is not here yet: TorchRec 1.8's CPU "dense" kernel for EmbeddingCollection fails in forward
-    # (split_with_sizes in construct_jagged_tensors) with two features of different lengths (issue 3, open).
-    [("bpr", "row_wise"), ("bpr", "table_wise"), ("bpr", "column_wise"), ("neumf", "row_wise"), ("neumf", "column_wise")],
+    # data_parallel runs through the one-id-per-row KJT layout (TorchRec 1.8's CPU dense kernel, see models/sharded)
+    [("bpr", "row_wise"), ("bpr", "table_wise"), ("bpr", "column_wise"), ("bpr", "data_parallel"),
+     ("neumf", "row_wise"), ("neumf", "column_wise"), ("neumf", "table_wise"), ("neumf", "data_parallel")],
 )
 def test_sharded_forward_equals_dense(tmp_path, name, sharding_type, free_port):
     out = str(tmp_path / "o")
