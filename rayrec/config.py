@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -361,10 +361,15 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def parse_cli(argv: list[str] | None = None, description: str | None = None) -> tuple[ExperimentConfig, argparse.Namespace]:
-    """``--config a.yaml [--config b.yaml] [key.path=value ...]`` -> validated config (before Ray starts)."""
-    ap = argparse.ArgumentParser(description=description)
+def parse_cli(argv: list[str] | None = None, description: str | None = None,
+              add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+              ) -> tuple[ExperimentConfig, argparse.Namespace]:
+    """``--config a.yaml [--config b.yaml] [key.path=value ...]`` -> validated config (before Ray starts).
+    ``add_args`` adds a job's own options (e.g. ``--checkpoint``)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=[], help="YAML file (repeatable; later files win)")
+    if add_args is not None:
+        add_args(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 ray.num_workers=1")
     ns = ap.parse_args(argv)
     return load_config(ns.config, ns.overrides), ns

@@ -40,6 +40,9 @@ def validate(cfg: ExperimentConfig) -> None:
         if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) != ("bpr", "row_wise"):
             raise ConfigError("full ranking of a sharded model is implemented for bpr with model.sharding=row_wise; "
                               "set eval.full=false (and eval.full_each_epoch=false) for this model")
+        if cfg.model.dim % 4 and cfg.model.sharding != "data_parallel":
+            raise ConfigError(f"model.dim={cfg.model.dim}: fbgemm's fused embedding kernels need a multiple of 4 for "
+                              f"sharded tables (e.g. {cfg.model.dim // 4 * 4} or {cfg.model.dim // 4 * 4 + 4})")
         if cfg.train.weight_decay and cfg.model.fused_optimizer in ("exact_sgd", "exact_adagrad"):
             raise ConfigError(f"model.fused_optimizer={cfg.model.fused_optimizer} has no weight decay in fbgemm (it "
                               "would be ignored); set train.weight_decay=0 or use exact_rowwise_adagrad")
