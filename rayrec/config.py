@@ -23,6 +23,10 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+from rayrec.distill.cd import CDConfig
+from rayrec.distill.de import DEConfig
+from rayrec.distill.rd import RDConfig
+from rayrec.distill.rrd import RRDConfig
 from rayrec.errors import ConfigError
 
 
@@ -155,6 +159,30 @@ class RankConfig:
 
 
 @dataclass
+class TeacherRef:
+    """The trained teacher a distillation run reads (artifacts of train_teacher and rank_teacher)."""
+
+    checkpoint: str | None = None  # sharded teacher checkpoint (DE: representations looked up every step)
+    ranking: str | None = None  # rank_teacher's output directory (RD, CD, RRD: the teacher's top-N lists)
+    name: Literal["bpr", "neumf"] = "bpr"
+    dim: int = 200
+    sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel"] = "row_wise"
+
+
+@dataclass
+class DistillConfig:
+    """Which method distills the teacher into ``model`` (the student), and each method's hyperparameters
+    (paper symbols; see rayrec/distill/<method>.py). ``none`` trains the student alone through the same loop."""
+
+    method: Literal["none", "rd", "cd", "de", "rrd", "de_rrd"] = "none"
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    de: DEConfig = field(default_factory=DEConfig)
+    rrd: RRDConfig = field(default_factory=RRDConfig)
+    rd: RDConfig = field(default_factory=RDConfig)
+    cd: CDConfig = field(default_factory=CDConfig)
+
+
+@dataclass
 class RayConfig:
     """How Ray is reached and how many workers train."""
 
@@ -182,6 +210,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:

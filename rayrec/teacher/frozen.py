@@ -45,6 +45,23 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
+    def answer(self, request):
+        """Answer a distillation method's :class:`rayrec.distill.TeacherRequest` (collective: one lookup per
+        requested field; every rank's method asks for the same fields)."""
+        from rayrec.distill.base import TeacherAnswer
+
+        out = TeacherAnswer()
+        if request is None:
+            return out
+        if request.users is not None:
+            out.user = self.model.user_repr(request.users)
+        if request.items is not None:
+            out.item = self.model.item_repr(request.items)
+        if request.score_users is not None:
+            out.scores = self.model.score(request.score_users, request.score_items)
+        return out
+
+    @torch.no_grad()
     def lookup(self, users: Tensor, items: Tensor) -> TeacherOutput:
         """Representations and scores for ``users`` ``[B]`` and candidates ``items`` ``[B, C]`` (collective)."""
         return TeacherOutput(

@@ -32,6 +32,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("eval.sampled needs one held-out item per user (data.split loo or derrd), not split=ratio")
     if cfg.eval.sampled and cfg.data.num_eval_negatives == 0:
         raise ConfigError("eval.sampled needs data.num_eval_negatives > 0")
+    _validate_distill(cfg)
     if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
         raise ConfigError("ray.use_gpu needs ray.num_workers >= 1")
     if cfg.model.sharding != "none":
@@ -49,6 +50,38 @@ def validate(cfg: ExperimentConfig) -> None:
         if not cfg.ray.use_gpu and cfg.model.fused_optimizer == "adam":
             raise ConfigError("model.fused_optimizer=adam needs CUDA (ray.use_gpu=true); on CPU use exact_sgd, "
                               "exact_adagrad or exact_rowwise_adagrad")
+
+
+def _validate_distill(cfg: ExperimentConfig) -> None:
+    """The teacher artifacts a distillation method reads exist and fit the run (checked before Ray starts)."""
+    from rayrec.distill import NEEDS_CHECKPOINT, NEEDS_RANKING
+
+    dc = cfg.distill
+    if dc.method == "none":
+        return
+    if cfg.model.sharding != "none":
+        raise ConfigError("distillation trains a dense (DDP) student: set model.sharding=none "
+                          "(the teacher's sharding is distill.teacher.sharding)")
+    uses_de = dc.method in NEEDS_CHECKPOINT and dc.de.lambda_de > 0
+    uses_lists = dc.method in NEEDS_RANKING and not (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0)
+    if uses_de:
+        if not dc.teacher.checkpoint:
+            raise ConfigError(f"distill.method={dc.method} needs distill.teacher.checkpoint (train_teacher's output)")
+        from rayrec.teacher.rank import _teacher_model_files
+
+        _teacher_model_files(Path(dc.teacher.checkpoint))
+        if cfg.ray.num_workers == 0:
+            raise ConfigError(f"distill.method={dc.method} loads the sharded teacher: needs ray.num_workers >= 1")
+        if dc.teacher.name != cfg.model.name:
+            raise ConfigError(f"DE needs the same base model for teacher and student: distill.teacher.name="
+                              f"{dc.teacher.name}, model.name={cfg.model.name}")
+    if uses_lists:
+        if not dc.teacher.ranking:
+            raise ConfigError(f"distill.method={dc.method} needs distill.teacher.ranking (rank_teacher's output)")
+        from rayrec.artifacts import read_manifest
+        from rayrec.teacher.rank import KIND, RERUN
+
+        read_manifest(dc.teacher.ranking, KIND, RERUN)
 
 
 def prepared_root(cfg: ExperimentConfig) -> Path:

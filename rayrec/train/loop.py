@@ -22,6 +22,7 @@ from rayrec.config import ExperimentConfig, build
 from rayrec.distributed import all_reduce
 from rayrec.eval.evaluate import EvalData, evaluate
 from rayrec.models import build_model
+from rayrec.distill.base import DistillBatch
 from rayrec.train.sampling import NegativeSampler, epoch_generator
 from rayrec.train.task import TrainTask
 from rayrec.train.weights import DenseWeights, ShardedWeights
@@ -51,6 +52,38 @@ def _save_state(d: str, optim, state: dict) -> None:
         json.dump(state, f, indent=1)
 
 
+def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank: int):
+    """``(method, frozen teacher)`` for ``cfg.distill`` (``(None, None)`` for ``none``), built in every worker."""
+    dc = cfg.distill
+    if dc.method == "none":
+        return None, None
+    from rayrec.distill import NEEDS_CHECKPOINT, NEEDS_RANKING, build_method
+
+    topn = topn_scores = None
+    if dc.method in NEEDS_RANKING:
+        from rayrec.teacher.rank import load_ranking
+
+        rk = load_ranking(dc.teacher.ranking)
+        if (rk.manifest["num_users"], rk.manifest["num_items"]) != (pd.num_users, pd.num_items):
+            raise ValueError(f"{dc.teacher.ranking}: ranking of {rk.manifest['num_users']} users x "
+                             f"{rk.manifest['num_items']} items, data has {pd.num_users} x {pd.num_items}")
+        topn, topn_scores = rk.items, rk.scores
+    method = build_method(dc, student_name=cfg.model.name, student_dim=cfg.model.dim, num_items=pd.num_items,
+                          train_csr=(evald.train.indptr.numpy(), evald.train.indices.numpy()), topn=topn,
+                          topn_scores=topn_scores)
+    teacher = None
+    if dc.method in NEEDS_CHECKPOINT and method.needs_teacher:
+        from rayrec.teacher.frozen import load_frozen_teacher
+
+        teacher = load_frozen_teacher(dc.teacher.checkpoint, name=dc.teacher.name, num_users=pd.num_users,
+                                      num_items=pd.num_items, dim=dc.teacher.dim, sharding_type=dc.teacher.sharding,
+                                      device=device)
+    n = sum(p.numel() for p in method.parameters())
+    _log(rank, f"[distill] {dc.method}: {n:,} training-only parameters"
+               f"{'; teacher ' + dc.teacher.name + ' d=' + str(dc.teacher.dim) + ' ' + dc.teacher.sharding if teacher else ''}")
+    return method.to(device), teacher
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
     import ray.train.torch
@@ -75,7 +108,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     torch.manual_seed(tc.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     sharded = cfg.model.sharding != "none"
     model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std, sharded=sharded)
-    task = TrainTask(model, reduction=tc.loss_reduction, world_size=world)
+    # [distill] the method (with its own parameters) and the frozen teacher, still sharded over these workers
+    method, teacher = _build_distillation(cfg, pd, evald, device, rank)
+    task = TrainTask(model, reduction=tc.loss_reduction, world_size=world, method=method)
     if sharded:
         # [ray] TorchRec: tables sharded over Ray's process group, fused optimizer in backward, dense layers DDP
         from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -91,8 +126,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         # [ray] wrap in DDP (gloo on CPU, nccl on GPU) and move to this worker's device
         task = ray.train.torch.prepare_model(task) if world > 1 else task.to(device)
         model = task.module.model if hasattr(task, "module") else task.model
-        dense_params = list(task.parameters())
-        weights = DenseWeights(model)
+        dense_params = list(task.parameters())  # student + the method's parameters (experts, selection nets)
+        weights = DenseWeights(model, method)
     optim = torch.optim.Adam(dense_params, lr=tc.lr, weight_decay=tc.weight_decay) if dense_params else None
 
     state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
@@ -121,7 +156,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
         epoch = state["epoch"]
         gen = epoch_generator(tc.seed, epoch, rank)
         t0 = time.perf_counter()
-        loss_sum, rows, steps = 0.0, 0, 0
+        if method is not None:  # per-epoch hooks: temperature, resampled lists (same on every rank)
+            method.on_epoch_start(epoch, epoch_generator(tc.seed + 1, epoch, 0))
+        sums: dict[str, float] = {}
+        rows, steps = 0, 0
         task.train()
         # [ray] this worker's shard, re-streamed and locally shuffled every epoch
         for batch in shard.iter_torch_batches(
@@ -133,23 +171,37 @@ def train_loop_per_worker(config: dict) -> dict | None:
         ):
             users, pos = batch["user"], batch["item"]  # [B], [B]
             neg = sampler.sample(users, tc.num_negatives, gen)  # [B, N]
-            loss, terms = task(users.to(device), pos.to(device), neg.to(device))
+            users, pos, neg = users.to(device), pos.to(device), neg.to(device)
+            if method is None:
+                loss, terms = task(users, pos, neg)
+            else:
+                db = DistillBatch(users, pos, neg)
+                # [distill] teacher lookups outside the DDP forward, under no_grad (collective: every rank, every step)
+                answer = teacher.answer(method.teacher_request(db)) if method.needs_teacher else None
+                loss, terms = task(users, pos, neg, db, answer)
             if optim is not None:
                 optim.zero_grad(set_to_none=True)
             loss.backward()  # sharded tables are updated here by their fused optimizer
             if optim is not None:
                 optim.step()
-            loss_sum += float(terms["base"])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
             rows += len(users)
             steps += 1
         train_s = time.perf_counter() - t0
-        loss_sum, rows, steps = _allreduce_sum([loss_sum, rows, steps])
+        names = sorted(sums) if sums else ["base"]
+        totals = _allreduce_sum([sums.get(k, 0.0) for k in names] + [rows, steps])
+        rows, steps = totals[-2], totals[-1]
+        term_sums = dict(zip(names, totals[:-2]))
         metrics = evaluate(model, evald, "valid", ec, sampled=ec.sampled, full=ec.full_each_epoch, device=device,
                            shard=row_shard, lockstep=sharded)
         eval_s = time.perf_counter() - t0 - train_s
         metrics.update({
             "epoch": epoch,
-            "train/loss": loss_sum / max(rows, 1),
+            "train/loss": term_sums["base"] / max(rows, 1),
+            # each distillation term (weighted, as added to the loss) per training row, e.g. train/kd/de
+            **{f"train/{k}": v / max(rows, 1) for k, v in term_sums.items() if k != "base"},
+            **(method.epoch_metrics() if method is not None else {}),
             "train/rows_per_s": rows / max(train_s, 1e-9),
             "time/train_s": train_s,
             "time/eval_s": eval_s,
@@ -163,7 +215,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         state["epoch"] = epoch + 1
         state["history"].append({k: v for k, v in metrics.items()})
         metrics["best/" + tc.monitor] = state["best"]
-        _log(rank, f"[train] epoch {epoch:4d} | loss {metrics['train/loss']:.4f} | {tc.monitor} {value:.4f} "
+        kd = "".join(f" {k[6:]} {v:.4f}" for k, v in metrics.items() if k.startswith("train/kd/"))
+        _log(rank, f"[train] epoch {epoch:4d} | loss {metrics['train/loss']:.4f}{kd} | {tc.monitor} {value:.4f} "
                    f"(best {state['best']:.4f} @ {state['best_epoch']}) | {metrics['train/rows_per_s']:,.0f} rows/s "
                    f"| train {train_s:.1f}s eval {eval_s:.1f}s")
         stop = state["bad_epochs"] >= tc.patience or state["epoch"] >= tc.max_epochs

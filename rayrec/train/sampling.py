@@ -59,3 +59,19 @@ class NegativeSampler:
                 return neg
             neg[bad] = torch.randint(0, self.num_items, (nbad,), generator=generator)
         raise RuntimeError(f"negative sampling did not converge in {self.max_rounds} rounds (users too dense?)")
+
+    def sample_distinct(self, users: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        """Like :meth:`sample` but without replacement within each row (RRD's uninteresting items) ``[B, n]``."""
+        users = users.to(torch.int64).cpu()
+        out = self.sample(users, n, generator)
+        for _ in range(self.max_rounds):
+            srt, order = torch.sort(out, dim=1)
+            dup_sorted = torch.zeros_like(out, dtype=torch.bool)
+            dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]  # later copies of a repeated id
+            if not dup_sorted.any():
+                return out
+            dup = torch.zeros_like(dup_sorted).scatter_(1, order, dup_sorted)
+            rows = torch.nonzero(dup.any(dim=1)).flatten()
+            redraw = self.sample(users[rows], n, generator)
+            out[rows] = torch.where(dup[rows], redraw, out[rows])
+        raise RuntimeError(f"distinct sampling did not converge in {self.max_rounds} rounds (too few items?)")

@@ -20,8 +20,9 @@ from torch import nn
 class DenseWeights:
     sharded = False
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, method: nn.Module | None = None) -> None:
         self.model = model
+        self.method = method  # training-only parameters (DE experts): checkpointed for resume, never exported
 
     def snapshot(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -35,11 +36,16 @@ class DenseWeights:
     def save(self, d: str | Path, rank: int, best: dict | None) -> None:
         if rank == 0:
             torch.save(self.model.state_dict(), os.path.join(d, "model.pt"))
+            if self.method is not None and len(self.method.state_dict()):
+                torch.save(self.method.state_dict(), os.path.join(d, "method.pt"))
             if best is not None:
                 torch.save(best, os.path.join(d, "best_model.pt"))
 
     def load(self, d: str | Path, device) -> dict | None:
         self.model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
+        m = os.path.join(d, "method.pt")
+        if self.method is not None and os.path.exists(m):
+            self.method.load_state_dict(torch.load(m, map_location=device))
         p = os.path.join(d, "best_model.pt")
         return torch.load(p, map_location="cpu") if os.path.exists(p) else None
 

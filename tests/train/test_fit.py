@@ -137,6 +137,24 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     assert not np.take_along_axis(train, rk.items, 1).any()  # never a train item
     nb, _ = rk.neighbors("item")
     assert nb.shape == (1447, 5) and not (nb == np.arange(1447)[:, None]).any()
+
+    # DE-RRD distillation through the same loop: 2 workers each hold the frozen row-sharded teacher (DE looks up
+    # its representations every step) and a DDP student; RRD reads the ranking artifact
+    teacher = ["distill.teacher.checkpoint=" + str(final), f"distill.teacher.ranking={out}", "distill.teacher.dim=20"]
+    dcfg = _cfg(tmp_path, "model.dim=8", "distill.method=de_rrd", "distill.de.M=4", "distill.rrd.K=10",
+                "distill.rrd.L=10", "train.max_epochs=2", "ray.num_workers=2", "eval.full=false", *teacher)
+    d = fit(dcfg, prepared=prepared)
+    h = d["history"]
+    assert all(h[e]["train/kd/de"] > 0 and h[e]["train/kd/rrd"] > 0 for e in (0, 1))
+    assert h[0]["kd/tau"] == h[1]["kd/tau"] == 1.0  # tau anneals from the end of epoch 1 on
+    assert d["num_parameters"] == (938 + 1447) * 8  # experts and selection nets are not part of the student
+    assert d["metrics"]["test/H@10"] > 0.15
+    ck = Path(d["checkpoint"])
+    assert (ck / "model.pt").exists() and torch.load(ck / "model.pt").keys() == {"user_emb.weight", "item_emb.weight"}
+    # RRD alone needs no teacher lookups: it also runs in local mode
+    r = fit(_cfg(tmp_path, "model.dim=8", "distill.method=rrd", "distill.rrd.interesting=top", "train.max_epochs=1",
+                 "ray.num_workers=0", "eval.full=false", *teacher), prepared=prepared)
+    assert r["history"][0]["train/kd/rrd"] > 0 and "train/kd/de" not in r["history"][0]
     # a checkpoint written by 2 workers resumes on 1 (DCP reshards on load)
     cfg1 = _cfg(tmp_path, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0", "train.max_epochs=2",
                 "ray.num_workers=1")

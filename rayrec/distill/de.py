@@ -1,0 +1,170 @@
+r"""DE — Distillation Experts (Kang et al., "DE-RRD: A Knowledge Distillation Framework for Recommender System",
+CIKM 2020, §3.2; official code ``SeongKu-Kang/DE-RRD_CIKM20``, ``Models/DE.py``).
+
+DE distills the teacher's user and item **representations** through ``M`` experts and a selection network per
+side (users, items). For an entity ``e`` with teacher representation :math:`h_t(e)` and student representation
+:math:`h_s(e)`:
+
+.. math::
+
+    \alpha(e) &= \mathrm{softmax}(W_{sel} h_t(e) + b_{sel}) \in \Delta^M            && \text{(selection network)}\\
+    s(e) &= \mathrm{softmax}\big((\log(\alpha + 10^{-10}) + g) / \tau\big),\ g_m \sim \mathrm{Gumbel}(0, 1)
+         && \text{(Gumbel-softmax, soft)}\\
+    \hat h(e) &= \sum_m s_m(e)\, E_m(h_s(e)),\quad E_m = \mathrm{Linear}(D_s \to \lfloor (D_s + D_t)/2 \rfloor)
+         \to \mathrm{ReLU} \to \mathrm{Linear}(\cdot \to D_t)\\
+    \mathcal L_{DE}(e) &= \lVert h_t(e) - \hat h(e) \rVert_2^2     && \text{(squared, as in the code)}
+
+Batch loss (code ``run.py: LOO_DE_run``): unique batch users, plus half of the unique positive and the unique
+negative items:
+
+.. math:: \mathcal L_{DE} = \sum_{u} \mathcal L_{DE}(u) + \tfrac12\Big(\sum_{i \in pos} \mathcal L_{DE}(i)
+          + \sum_{j \in neg} \mathcal L_{DE}(j)\Big),\qquad \mathcal L = \mathcal L_{base} + \lambda_{DE}\mathcal L_{DE}
+
+with :math:`\lambda_{DE} = 0.01` and ``M = 30`` (code defaults). Temperature: exponential annealing from
+:math:`\tau_0 = 1` to :math:`\tau_{end} = 10^{-10}` over ``anneal_epochs`` (1000 = the code's ``max_epoch``): the
+value used during epoch ``e`` is :math:`\tau_0 (\tau_{end}/\tau_0)^{\max(e-1, 0)/E}` floored at
+:math:`\tau_{end}` (the code updates τ after each epoch, so epochs 0 and 1 both use τ₀). ``linear`` and
+``constant`` schedules are options.
+
+All ``M`` experts run as one batched matmul (``[B, M, ·]``), not ``M`` separate calls.
+
+NeuMF (not in the official code): the teacher and the student each have a GMF and an MLP representation; by
+default (``neumf_parts: separate``) DE runs one expert set + selection network per part and side (GMF users,
+GMF items, MLP users, MLP items), summing their losses — the choice of the only public NeuMF implementation
+(HyperKDMA). ``concat`` distills the concatenation ``[GMF; MLP]`` with one set per side instead.
+
+Loss scale: sums, as in the code (``train.loss_reduction=sum`` keeps :math:`\lambda_{DE}`'s meaning); with
+``mean`` each entity group is averaged instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, TeacherRequest, reduce_terms
+from rayrec.distill.losses import gumbel_softmax
+from rayrec.errors import ConfigError
+
+
+@dataclass
+class DEConfig:
+    """DE hyperparameters (paper symbols; defaults from the official code)."""
+
+    M: int = 30  # experts per side
+    lambda_de: float = 0.01  # λ_DE
+    tau_start: float = 1.0  # τ₀
+    tau_end: float = 1e-10  # τ_end
+    anneal_epochs: int = 1000  # epochs from τ₀ to τ_end (the code's max_epoch)
+    schedule: Literal["exponential", "linear", "constant"] = "exponential"
+    hidden: int = 0  # expert hidden width; 0 = (D_s + D_t) // 2 (D_s // 2 when D_s == D_t)
+    item_weight: float = 0.5  # weight of the item terms (code: 0.5 · (pos + neg))
+    neumf_parts: Literal["separate", "concat"] = "separate"
+
+    def __post_init__(self) -> None:
+        if self.M < 1:
+            raise ConfigError(f"distill.de.M must be >= 1, got {self.M}")
+        if self.lambda_de < 0 or self.item_weight < 0:
+            raise ConfigError("distill.de.lambda_de and item_weight must be >= 0")
+        if not (0 < self.tau_end <= self.tau_start):
+            raise ConfigError(f"distill.de needs 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
+        if self.anneal_epochs < 1 or self.hidden < 0:
+            raise ConfigError("distill.de.anneal_epochs must be >= 1 and hidden >= 0")
+
+
+def tau_at(cfg: DEConfig, epoch: int) -> float:
+    """The Gumbel temperature used during ``epoch`` (0-based)."""
+    t = min(max(epoch - 1, 0) / cfg.anneal_epochs, 1.0)
+    if cfg.schedule == "constant":
+        return cfg.tau_start
+    if cfg.schedule == "linear":
+        return max(cfg.tau_start + (cfg.tau_end - cfg.tau_start) * t, cfg.tau_end)
+    return max(cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** t, cfg.tau_end)
+
+
+class Experts(nn.Module):
+    """``M`` two-layer experts ``D_s -> H -> D_t`` evaluated together, plus the selection network ``D_t -> M``."""
+
+    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0) -> None:
+        super().__init__()
+        h = hidden or ((d_s + d_t) // 2 if d_s != d_t else max(d_s // 2, 1))
+        self.M, self.d_t = M, d_t
+        self.w1 = nn.Parameter(torch.empty(M, d_s, h))
+        self.b1 = nn.Parameter(torch.empty(M, h))
+        self.w2 = nn.Parameter(torch.empty(M, h, d_t))
+        self.b2 = nn.Parameter(torch.empty(M, d_t))
+        for w, b, fan_in in ((self.w1, self.b1, d_s), (self.w2, self.b2, h)):  # nn.Linear's default init
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+        self.select = nn.Linear(d_t, M)
+
+    def expert_outputs(self, h_s: Tensor) -> Tensor:
+        """``[B, D_s]`` -> every expert's output ``[B, M, D_t]``."""
+        x = torch.relu(torch.einsum("bd,mdh->bmh", h_s, self.w1) + self.b1)  # [B, M, H]
+        return torch.einsum("bmh,mht->bmt", x, self.w2) + self.b2  # [B, M, D_t]
+
+    def forward(self, h_s: Tensor, h_t: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+        """Per-entity DE loss ``||h_t - Σ_m s_m E_m(h_s)||²`` -> ``[B]``."""
+        if h_s.shape[0] == 0:
+            return h_s.new_zeros(0)
+        alpha = torch.softmax(self.select(h_t), dim=-1)  # [B, M]
+        s = gumbel_softmax(alpha, tau, generator) if self.M > 1 else torch.ones_like(alpha)
+        mapped = (s.unsqueeze(-1) * self.expert_outputs(h_s)).sum(dim=1)  # [B, D_t]
+        return ((h_t - mapped) ** 2).sum(dim=1)
+
+
+class DE(DistillMethod):
+    """Distillation Experts (see the module docstring). ``parts``: representation names distilled, e.g.
+    ``["emb"]`` (BPR) or ``["gmf", "mlp"]`` (NeuMF, separate)."""
+
+    name = "de"
+    needs_teacher = True
+
+    def __init__(self, cfg: DEConfig, *, student_dim: int, teacher_dim: int, parts: list[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.parts = parts
+        self.concat = parts == ["concat"]
+        width = len(("gmf", "mlp")) if self.concat else 1
+        self.users = nn.ModuleDict({p: Experts(cfg.M, width * student_dim, width * teacher_dim, cfg.hidden) for p in parts})
+        self.items = nn.ModuleDict({p: Experts(cfg.M, width * student_dim, width * teacher_dim, cfg.hidden) for p in parts})
+        self.tau = tau_at(cfg, 0)
+        self.generator: torch.Generator | None = None
+
+    def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
+        self.tau = tau_at(self.cfg, epoch)
+        self.generator = generator
+
+    def teacher_request(self, batch: DistillBatch) -> TeacherRequest:
+        return TeacherRequest(users=batch.uniq_users, items=torch.cat([batch.uniq_pos, batch.uniq_neg]))
+
+    def _reprs(self, reprs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.concat:
+            return {"concat": torch.cat([reprs["gmf"], reprs["mlp"]], dim=-1)}
+        return reprs
+
+    def losses(self, *, batch: DistillBatch, student: nn.Module, teacher: TeacherAnswer | None,
+               reduction: str = "sum") -> dict[str, Tensor]:
+        if self.cfg.lambda_de == 0:
+            return {}
+        n_pos = batch.uniq_pos.shape[0]
+        items = torch.cat([batch.uniq_pos, batch.uniq_neg])
+        s_user, s_item = self._reprs(student.user_repr(batch.uniq_users)), self._reprs(student.item_repr(items))
+        # the teacher's side never receives gradients, whatever the caller passes
+        t_user = {k: v.detach() for k, v in self._reprs(teacher.user).items()}
+        t_item = {k: v.detach() for k, v in self._reprs(teacher.item).items()}
+        total = 0.0
+        for p in self.parts:
+            lu = self.users[p](s_user[p], t_user[p].to(s_user[p].dtype), self.tau, self.generator)  # [U_b]
+            li = self.items[p](s_item[p], t_item[p].to(s_item[p].dtype), self.tau, self.generator)  # [I_p + I_n]
+            total = total + reduce_terms(lu, reduction) + self.cfg.item_weight * (
+                reduce_terms(li[:n_pos], reduction) + reduce_terms(li[n_pos:], reduction))
+        return {"kd/de": self.cfg.lambda_de * total}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"kd/tau": self.tau}

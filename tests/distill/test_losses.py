@@ -1,0 +1,178 @@
+"""Each distillation loss on hand-computable tensors, the schedules, the list sampling, and where gradients go."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rayrec.distill.base import DistillBatch, TeacherAnswer
+from rayrec.distill.cd import CD, CDConfig
+from rayrec.distill.de import DE, DEConfig, Experts, tau_at
+from rayrec.distill.lists import Uninteresting, rank_discounted
+from rayrec.distill.losses import relaxed_ranking_nll, soft_bce, weighted_log_sigmoid_nll
+from rayrec.distill.rd import RD, RDConfig
+from rayrec.distill.rrd import RRD, RRDConfig
+from rayrec.models import BPR, NeuMF
+
+
+def test_relaxed_ranking_two_items_by_hand():
+    a1, a2, b1, b2 = 2.0, 0.5, 1.0, -1.0
+    got = relaxed_ranking_nll(torch.tensor([[a1, a2]]), torch.tensor([[b1, b2]]))
+    e = math.exp
+    want = -(a1 - math.log(e(a1) + e(a2) + e(b1) + e(b2))) - (a2 - math.log(e(a2) + e(b1) + e(b2)))
+    assert got.shape == (1,) and got.item() == pytest.approx(want, rel=1e-6)
+    # without uninteresting items: the plain Plackett-Luce likelihood of the order (a1, a2)
+    want_pl = -(a1 - math.log(e(a1) + e(a2))) - 0.0
+    assert relaxed_ranking_nll(torch.tensor([[a1, a2]])).item() == pytest.approx(want_pl, rel=1e-6)
+
+
+def test_relaxed_ranking_is_finite_for_huge_scores_and_prefers_the_teacher_order():
+    a = torch.tensor([[1e4, -1e4, 5e3]], requires_grad=True)
+    b = torch.tensor([[1e4, -1e4]])
+    loss = relaxed_ranking_nll(a, b)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(a.grad).all()
+    good = relaxed_ranking_nll(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[0.0]]))
+    bad = relaxed_ranking_nll(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0]]))
+    assert good.item() < bad.item()
+
+
+def test_rd_and_cd_losses_by_hand():
+    s, w = torch.tensor([[0.3, -1.2]]), torch.tensor([[0.7, 0.3]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert weighted_log_sigmoid_nll(s, w).item() == pytest.approx(-(0.7 * math.log(sig(0.3)) + 0.3 * math.log(sig(-1.2))))
+    q = torch.tensor([[0.9, 0.2]])
+    want = -(0.9 * math.log(sig(0.3)) + 0.1 * math.log(1 - sig(0.3))) - (0.2 * math.log(sig(-1.2)) + 0.8 * math.log(1 - sig(-1.2)))
+    assert soft_bce(s, q).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_tau_schedule_values():
+    c = DEConfig()
+    assert tau_at(c, 0) == tau_at(c, 1) == 1.0  # the code updates tau after each epoch
+    assert tau_at(c, 51) == pytest.approx(10 ** -0.5)
+    assert tau_at(c, 101) == pytest.approx(0.1)
+    assert tau_at(c, 201) == pytest.approx(0.01)
+    assert tau_at(c, 1001) == pytest.approx(1e-10) and tau_at(c, 5000) == pytest.approx(1e-10)
+    lin = DEConfig(schedule="linear", tau_end=0.5, anneal_epochs=10)
+    assert tau_at(lin, 6) == pytest.approx(0.75) and tau_at(DEConfig(schedule="constant"), 300) == 1.0
+
+
+def test_de_loss_is_zero_when_the_mapped_student_equals_the_teacher():
+    torch.manual_seed(0)
+    ex = Experts(M=3, d_s=4, d_t=6)
+    with torch.no_grad():  # every expert identical: the selection cannot matter
+        for p in (ex.w1, ex.b1, ex.w2, ex.b2):
+            p[1:] = p[0]
+    h_s = torch.randn(5, 4)
+    h_t = ex.expert_outputs(h_s)[:, 0].detach()
+    assert torch.allclose(ex(h_s, h_t, tau=0.5), torch.zeros(5), atol=1e-10)
+    assert (ex(h_s, h_t + 1.0, tau=0.5) - 6.0).abs().max() < 1e-5  # ||1||^2 over 6 dims
+
+
+def _tiny_batch():
+    return DistillBatch(torch.tensor([0, 1, 1, 3]), torch.tensor([2, 3, 4, 2]), torch.tensor([[5], [6], [5], [7]]))
+
+
+def test_de_gradients_reach_experts_and_selection_but_not_the_teacher():
+    torch.manual_seed(0)
+    U, I = 5, 9
+    student, teacher = BPR(U, I, 4, init_std=0.5), BPR(U, I, 8, init_std=0.5)
+    de = DE(DEConfig(M=3, lambda_de=0.01), student_dim=4, teacher_dim=8, parts=["emb"])
+    de.on_epoch_start(0, torch.Generator().manual_seed(0))
+    b = _tiny_batch()
+    req = de.teacher_request(b)
+    ans = TeacherAnswer(user=teacher.user_repr(req.users), item=teacher.item_repr(req.items))  # with grad on purpose
+    terms = de.losses(batch=b, student=student, teacher=ans)
+    assert set(terms) == {"kd/de"}
+    terms["kd/de"].backward()
+    for side in (de.users["emb"], de.items["emb"]):
+        assert side.w1.grad.abs().sum() > 0 and side.w2.grad.abs().sum() > 0
+        assert side.select.weight.grad.abs().sum() > 0  # tau = 1: the selection network learns
+    assert student.user_emb.weight.grad.abs().sum() > 0
+    assert teacher.user_emb.weight.grad is None and teacher.item_emb.weight.grad is None
+    # by hand: λ · (Σ_users + 0.5 (Σ_pos + Σ_neg)) of the per-entity losses, same Gumbel draws
+    de.generator = torch.Generator().manual_seed(3)
+    got = de.losses(batch=b, student=student, teacher=ans)["kd/de"]
+    g = torch.Generator().manual_seed(3)
+    t_u, t_i = ans.user["emb"].detach(), ans.item["emb"].detach()
+    lu = de.users["emb"](student.user_repr(b.uniq_users)["emb"], t_u, de.tau, g)
+    li = de.items["emb"](student.item_repr(req.items)["emb"], t_i, de.tau, g)
+    n_pos = len(b.uniq_pos)
+    assert lu.shape == (3,) and li.shape == (3 + 3,)
+    assert got.item() == pytest.approx(0.01 * (lu.sum() + 0.5 * (li[:n_pos].sum() + li[n_pos:].sum())).item(), rel=1e-5)
+
+
+def test_neumf_de_distills_gmf_and_mlp_separately():
+    student, teacher = NeuMF(5, 9, 4), NeuMF(5, 9, 8)
+    de = DE(DEConfig(M=2), student_dim=4, teacher_dim=8, parts=["gmf", "mlp"])
+    b = _tiny_batch()
+    req = de.teacher_request(b)
+    with torch.no_grad():
+        ans = TeacherAnswer(user=teacher.user_repr(req.users), item=teacher.item_repr(req.items))
+    de.losses(batch=b, student=student, teacher=ans)["kd/de"].backward()
+    assert all(de.users[p].w1.grad is not None for p in ("gmf", "mlp"))
+    # experts are training-only: the student's parameter count is the base model's
+    assert sum(p.numel() for p in student.parameters()) == NeuMF(5, 9, 4).num_parameters()
+
+
+def test_rank_discounted_sampling_keeps_teacher_order_and_follows_the_discount():
+    g = torch.Generator().manual_seed(0)
+    r = rank_discounted(4000, 50, 5, 10.0, g)
+    assert r.shape == (4000, 5) and (r[:, 1:] > r[:, :-1]).all()  # distinct, ascending
+    freq = torch.bincount(r.flatten(), minlength=50).float() / r.numel()
+    assert freq[0] > freq[10] > freq[30]
+    top = rank_discounted(3, 40, 40, 10.0, g)  # K = N: every rank, in order
+    assert torch.equal(top, torch.arange(40).expand(3, -1))
+
+
+def test_uninteresting_items_avoid_train_and_teacher_lists():
+    indptr, indices = np.array([0, 2, 3]), np.array([0, 1, 2])
+    topn = np.array([[3, 4, -1], [5, 6, 7]])
+    un = Uninteresting(indptr, indices, topn, num_items=12)
+    s = un.sample(torch.tensor([0, 1] * 50), 5, torch.Generator().manual_seed(0))
+    for row, u in zip(s.tolist(), [0, 1] * 50):
+        assert len(set(row)) == 5
+        banned = {0, 1, 3, 4} if u == 0 else {2, 5, 6, 7}
+        assert not set(row) & banned
+
+
+def test_rrd_loss_matches_the_relaxed_likelihood_of_its_lists():
+    torch.manual_seed(0)
+    U, I = 4, 30
+    student = BPR(U, I, 3, init_std=0.5)
+    topn = np.stack([np.random.default_rng(u).permutation(np.arange(5, I))[:10] for u in range(U)])
+    indptr, indices = np.array([0, 2, 3, 5, 6]), np.array([0, 1, 2, 3, 4, 1])
+    rrd = RRD(RRDConfig(K=3, L=4, lambda_rrd=0.5), topn=topn, train_indptr=indptr, train_indices=indices, num_items=I)
+    rrd.on_epoch_start(0, torch.Generator().manual_seed(0))
+    b = _tiny_batch()
+    got = rrd.losses(batch=b, student=student, teacher=None)["kd/rrd"]
+    want = 0.0
+    for u in b.uniq_users.tolist():
+        inter, un = rrd.inter[u], rrd.unint[u]
+        assert set(inter.tolist()) <= set(topn[u].tolist()) and not set(un.tolist()) & set(topn[u].tolist())
+        pos = [topn[u].tolist().index(i) for i in inter.tolist()]
+        assert pos == sorted(pos)  # teacher order kept
+        s = student.score(torch.tensor([u]), torch.cat([inter, un]).view(1, -1))
+        want = want + relaxed_ranking_nll(s[:, :3], s[:, 3:]).sum()
+    assert got.item() == pytest.approx(0.5 * want.item(), rel=1e-5)
+    top = RRD(RRDConfig(K=3, L=0, interesting="top"), topn=topn, train_indptr=indptr, train_indices=indices, num_items=I)
+    top.on_epoch_start(3, torch.Generator().manual_seed(0))
+    assert torch.equal(top.inter, torch.as_tensor(topn[:, :3]))
+
+
+def test_rd_and_cd_methods():
+    torch.manual_seed(0)
+    student = BPR(4, 30, 3, init_std=0.5)
+    topn = np.tile(np.arange(10, 20), (4, 1))
+    scores = np.tile(np.linspace(3, -3, 10, dtype=np.float32), (4, 1))
+    rd = RD(RDConfig(K=4, mu=2.0, lambda_rd=1.0), topn=topn)
+    b = _tiny_batch()
+    w = torch.exp(-torch.arange(1, 5) / 2.0)
+    w = w / w.sum()
+    s = student.score(b.uniq_users, torch.as_tensor(topn[:3, :4]))
+    assert rd.losses(batch=b, student=student, teacher=None)["kd/rd"].item() == pytest.approx(
+        weighted_log_sigmoid_nll(s, w.expand(3, -1)).sum().item(), rel=1e-5)
+    cd = CD(CDConfig(k=3, lambda_cd=1.0), topn=topn, topn_scores=scores)
+    cd.on_epoch_start(0, torch.Generator().manual_seed(0))
+    assert cd.ranks.shape == (4, 3) and torch.isfinite(cd.losses(batch=b, student=student, teacher=None)["kd/cd"])
