@@ -1,0 +1,146 @@
+"""DE-RRD's Table 2 on CiteULike-t (DE-RRD's own split): teacher, student alone, RD, CD, DE, RRD, DE-RRD.
+
+    RAYREC_DATA=../shared/data .venv/bin/python benchmarks/derrd_citeulike.py --models bpr --seeds 0 1 2
+
+Per base model: the teacher is trained through the sharded path (2 Ray Train workers, row-wise TorchRec tables;
+``--teacher-checkpoint`` reuses one), ranked once (top-500 per user, train items excluded), then every method
+distills it into a φ = 0.1 student (BPR 200 -> 20, NeuMF 252 -> 25: fbgemm's sharded tables need a multiple of 4,
+so the NeuMF teacher is 252 wide instead of the paper's 250) with the paper's training set-up, for each seed.
+Rows ``<model>_teacher``, ``<model>_<method>``: test metrics at the best valid H@5 epoch (mean over seeds,
+``metrics_std``), epoch time, and the paper's numbers in ``extra.paper``. The file (and ``derrd_citeulike.md``) is
+rewritten after every run with ``extra.complete`` false until the last one, so an interrupted run keeps what it
+measured. ``--smoke``: ML-100K, 1 epoch, 1 seed, tiny teacher, into ``benchmarks/results/smoke/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
+
+KEYS = ["test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20", "full/Recall@20", "full/NDCG@20"]
+METHODS = ["none", "rd", "cd", "de", "rrd", "de_rrd"]
+# DE-RRD Table 2, CiteULike, φ = 0.1 (H@5, N@5, H@10, N@10, H@20, N@20), via ../shared/docs/methods/de_rrd.md §8.1
+PAPER = {
+    "bpr": {"teacher": (0.5135, 0.3970, 0.6185, 0.4310, 0.7099, 0.4541),
+            "none": (0.4441, 0.3319, 0.5541, 0.3691, 0.6557, 0.3906),
+            "rd": (0.4533, 0.3395, 0.5601, 0.3740, 0.6633, 0.3993),
+            "cd": (0.4550, 0.3404, 0.5607, 0.3746, 0.6650, 0.4011),
+            "de": (0.4817, 0.3625, 0.5916, 0.3977, 0.6917, 0.4229),
+            "rrd": (0.4622, 0.3461, 0.5703, 0.3809, 0.6746, 0.4074),
+            "de_rrd": (0.4843, 0.3632, 0.5966, 0.3989, 0.6991, 0.4251)},
+    "neumf": {"teacher": (0.4790, 0.3684, 0.5827, 0.4020, 0.6748, 0.4254),
+              "none": (0.3867, 0.2865, 0.4909, 0.3202, 0.5833, 0.3436),
+              "rd": (0.4179, 0.3113, 0.5211, 0.3444, 0.6227, 0.3696),
+              "cd": (0.4025, 0.2979, 0.5030, 0.3306, 0.6053, 0.3550),
+              "de": (0.4079, 0.2986, 0.5139, 0.3328, 0.6238, 0.3607),
+              "rrd": (0.4737, 0.3497, 0.5800, 0.3847, 0.6765, 0.4094),
+              "de_rrd": (0.4758, 0.3518, 0.5805, 0.3856, 0.6770, 0.4099)},
+}
+PAPER_KEYS = ["test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20"]
+DIMS = {"bpr": (200, 20), "neumf": (252, 25)}
+# NeuMF: RRD dominates in the paper with λ_DE = 1e-4, λ_RRD = 1e-1 (Table 5, Foursquare)
+MODEL_OVERRIDES = {"bpr": [], "neumf": ["distill.de.lambda_de=0.0001", "distill.rrd.lambda_rrd=0.1"]}
+
+
+def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int, int], world: int) -> dict:
+    ms = [{k: r["metrics"][k] for k in KEYS if k in r["metrics"]} for r in runs]
+    mean = {k: statistics.fmean(m[k] for m in ms) for k in ms[0]}
+    std = {k: (statistics.stdev(m[k] for m in ms) if len(ms) > 1 else 0.0) for k in ms[0]}
+    paper = PAPER.get(model, {}).get(method)
+    return {
+        "label": label, "dataset": "citeulike-t", "split": "derrd_loo_seed0", "model": model, "method": method,
+        "dim": dims[1] if method != "teacher" else dims[0], "teacher_dim": dims[0],
+        "seeds": [r["config"]["train"]["seed"] for r in runs], "world_size": world,
+        "metrics": mean, "metrics_std": std,
+        "timing": {"epoch_s": round(statistics.fmean(r["timing"]["epoch_train_s"] for r in runs), 3),
+                   "eval_s": round(statistics.fmean(r["timing"]["epoch_eval_s"] for r in runs), 3)},
+        "extra": {"paper": dict(zip(PAPER_KEYS, paper)) if paper else None,
+                  "num_parameters": runs[0]["num_parameters"],
+                  "best_epochs": [r["best_epoch"] for r in runs], "epochs_run": [r["epochs_run"] for r in runs],
+                  "per_seed": ms},
+    }
+
+
+def _markdown(rows: list[dict]) -> str:
+    head = ["row", "H@5", "N@5", "H@10", "N@10", "H@20", "N@20", "Recall@20", "NDCG@20", "paper H@5", "epoch s", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m, s = r["metrics"], r["metrics_std"]
+        cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
+        paper = r["extra"]["paper"]["test/H@5"] if r["extra"].get("paper") else None
+        lines.append("| " + " | ".join([r["label"], *cell, f"{paper:.4f}" if paper else "", f"{r['timing']['epoch_s']:.2f}",
+                                        str(len(r["seeds"]))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["bpr", "neumf"], choices=["bpr", "neumf"])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
+    args = ap.parse_args(argv)
+    sha = commit()
+    from rayrec.teacher.rank import rank_teacher
+    from rayrec.train.fit import fit
+
+    out_path = (RESULTS / "smoke" / "derrd_citeulike.json") if args.smoke else RESULTS / "derrd_citeulike.json"
+    common = ["storage_root=runs/smoke", "train.max_epochs=1", "data.num_eval_negatives=99"] if args.smoke else []
+    data = "data/ml100k" if args.smoke else "data/citeulike_t_derrd"
+    rows: list[dict] = []
+    total = len(args.models) * len(args.methods) * len(args.seeds)
+    done = 0
+
+    def flush(complete: bool) -> None:
+        for r in rows:
+            r["extra"]["complete"] = complete
+        write_result("derrd_citeulike", rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
+        out_path.with_suffix(".md").write_text(_markdown(rows))
+
+    for model in args.models:
+        t_dim, s_dim = DIMS[model] if not args.smoke else (20 if model == "bpr" else 24, 8)
+        teacher_files = [CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"]
+        teacher_over = [f"name=derrd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}", *common]
+        if args.teacher_checkpoint:
+            ckpt = args.teacher_checkpoint
+            tcfg = load_config(teacher_files, teacher_over)
+            teacher_row = None
+        else:
+            tcfg = load_config(teacher_files, teacher_over)
+            t = fit(tcfg)
+            ckpt = t["checkpoint"]
+            teacher_row = _row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim), t["world_size"])
+            rows.append(teacher_row)
+            flush(False)
+        ranking = rank_teacher(load_config(teacher_files, [*teacher_over, "rank.top_n=500"]), ckpt)
+        teacher_ref = [f"distill.teacher.checkpoint={ckpt}", f"distill.teacher.ranking={ranking}",
+                       f"distill.teacher.name={model}", f"distill.teacher.dim={t_dim}"]
+        for method in args.methods:
+            runs = []
+            for seed in args.seeds:
+                done += 1
+                print(f"[bench] {model} {method} seed {seed} ({done}/{total})", flush=True)
+                cfg = load_config([CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "distill/de_rrd.yaml"],
+                                  [f"name=derrd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
+                                   f"distill.method={method}", f"train.seed={seed}", *teacher_ref,
+                                   *MODEL_OVERRIDES[model], *common, *args.overrides])
+                runs.append(fit(cfg))
+            rows.append(_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim), runs[0]["world_size"]))
+            flush(False)
+    flush(True)
+    print(_markdown(rows))
+    print(f"wrote {out_path}")
+    return out_path
+
+
+if __name__ == "__main__":
+    main()
