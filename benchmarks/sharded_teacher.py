@@ -17,7 +17,7 @@ Rows of ``benchmarks/results/sharded_teacher.json``:
   running ``--mem-steps`` training steps with the fused optimizer: peak RSS per worker (``timing.peak_mib``), the
   RSS before the tables were built, and the table share estimated by ``rayrec.sharding.memory``.
 
-``--smoke`` runs everything tiny (ML-100K, 1 epoch, 200k-row tables) into ``benchmarks/results/smoke/``.
+``--smoke`` runs everything small (ML-100K, 1 epoch, 2M-row tables) into ``benchmarks/results/smoke/``.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
         files = [CONFIG_DIR / "data/ml100k.yaml", CONFIG_DIR / "model/bpr_d20.yaml"]
         extra += ["name=smoke_sharded_teacher", "train.max_epochs=1", "storage_root=runs/smoke",
                   "data.num_eval_negatives=99"]
-        args.mem_users, args.mem_items, args.mem_steps, args.dense_epochs = 100_000, 100_000, 2, 1
+        args.mem_users, args.mem_items, args.mem_steps, args.dense_epochs = 1_000_000, 1_000_000, 2, 1
     rows = []
 
     # [1] memory at world size 1 and 2 (first: nothing else of this script is resident yet)
