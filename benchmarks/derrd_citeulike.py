@@ -15,6 +15,7 @@ measured. ``--smoke``: ML-100K, 1 epoch, 1 seed, tiny teacher, into ``benchmarks
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -110,17 +111,16 @@ def main(argv: list[str] | None = None) -> Path:
         t_dim, s_dim = DIMS[model] if not args.smoke else (20 if model == "bpr" else 24, 8)
         teacher_files = [CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"]
         teacher_over = [f"name=derrd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}", *common]
-        if args.teacher_checkpoint:
+        if args.teacher_checkpoint:  # its row comes from the summary the training run left in the checkpoint
             ckpt = args.teacher_checkpoint
-            tcfg = load_config(teacher_files, teacher_over)
-            teacher_row = None
+            t = json.loads((Path(ckpt) / "summary.json").read_text())
+            t.setdefault("config", {"train": {"seed": 0}})  # summaries written before they carried the config
         else:
-            tcfg = load_config(teacher_files, teacher_over)
-            t = fit(tcfg)
+            t = fit(load_config(teacher_files, teacher_over))
             ckpt = t["checkpoint"]
-            teacher_row = _row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim), t["world_size"])
-            rows.append(teacher_row)
-            flush(False)
+        rows.append(_row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim), t["world_size"]))
+        rows[-1]["extra"]["checkpoint"] = str(ckpt)
+        flush(False)
         ranking = rank_teacher(load_config(teacher_files, [*teacher_over, "rank.top_n=500"]), ckpt)
         teacher_ref = [f"distill.teacher.checkpoint={ckpt}", f"distill.teacher.ranking={ranking}",
                        f"distill.teacher.name={model}", f"distill.teacher.dim={t_dim}"]

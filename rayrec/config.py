@@ -71,6 +71,10 @@ class ModelConfig:
     sharding: Literal["none", "row_wise", "table_wise", "column_wise", "data_parallel"] = "none"
     # optimizer fused into the sharded tables' backward (lr/weight decay from train.*); CPU: exact_* only
     fused_optimizer: Literal["exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "adam"] = "exact_rowwise_adagrad"
+    # learning rate / L2 of the fused table optimizer; None: train.lr / train.weight_decay (dense layers such as
+    # NeuMF's MLP always use train.lr with Adam)
+    fused_lr: float | None = None
+    fused_weight_decay: float | None = None
     # per-worker budget for the embedding tables + their fused optimizer state, in MiB (0: no limit). A sharded
     # model whose estimated share exceeds it is refused before any worker starts (see rayrec.sharding.memory)
     table_budget_mb: float = 0.0

@@ -44,9 +44,10 @@ def validate(cfg: ExperimentConfig) -> None:
         if cfg.model.dim % 4 and cfg.model.sharding != "data_parallel":
             raise ConfigError(f"model.dim={cfg.model.dim}: fbgemm's fused embedding kernels need a multiple of 4 for "
                               f"sharded tables (e.g. {cfg.model.dim // 4 * 4} or {cfg.model.dim // 4 * 4 + 4})")
-        if cfg.train.weight_decay and cfg.model.fused_optimizer in ("exact_sgd", "exact_adagrad"):
+        fused_wd = cfg.train.weight_decay if cfg.model.fused_weight_decay is None else cfg.model.fused_weight_decay
+        if fused_wd and cfg.model.fused_optimizer in ("exact_sgd", "exact_adagrad"):
             raise ConfigError(f"model.fused_optimizer={cfg.model.fused_optimizer} has no weight decay in fbgemm (it "
-                              "would be ignored); set train.weight_decay=0 or use exact_rowwise_adagrad")
+                              "would be ignored); set model.fused_weight_decay=0 or use exact_rowwise_adagrad")
         if not cfg.ray.use_gpu and cfg.model.fused_optimizer == "adam":
             raise ConfigError("model.fused_optimizer=adam needs CUDA (ray.use_gpu=true); on CPU use exact_sgd, "
                               "exact_adagrad or exact_rowwise_adagrad")

@@ -117,8 +117,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
         from rayrec.sharding import shard_model
 
-        task = shard_model(task, sharding_type=cfg.model.sharding, optimizer=cfg.model.fused_optimizer,
-                           lr=tc.lr, weight_decay=tc.weight_decay, device=device)
+        mc = cfg.model
+        task = shard_model(task, sharding_type=mc.sharding, optimizer=mc.fused_optimizer,
+                           lr=tc.lr if mc.fused_lr is None else mc.fused_lr,
+                           weight_decay=tc.weight_decay if mc.fused_weight_decay is None else mc.fused_weight_decay,
+                           device=device)
         model = task.module.model
         dense_params = [p for _, p in in_backward_optimizer_filter(task.named_parameters())]
         weights = ShardedWeights(task)
@@ -253,6 +256,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "rows_per_s": sum(h["train/rows_per_s"] for h in state["history"]) / max(len(state["history"]), 1),
         },
         "history": state["history"],
+        "config": cfg.to_dict(),
     }
     with tempfile.TemporaryDirectory() as d:
         weights.save(d, rank, None)  # the best epoch's weights (restored above) as the final model
