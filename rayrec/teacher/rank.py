@@ -373,15 +373,14 @@ class Ranking:
         return _read_lists(self.path / sub, kind, "neighbors", n)
 
 
-def _read_lists(directory: Path, id_name: str, list_name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(p) for p in sorted(directory.glob("part-*.parquet"))]
-    width = max((int(t.column(list_name).combine_chunks().value_lengths().to_numpy().max(initial=0))
-                 for t in tables if t.num_rows), default=0)
+def lists_from_tables(tables, id_name: str, list_name: str, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [n, width], scores [n, width])`` from pyarrow tables of ``(id, list, scores)`` rows (any order;
+    ``-1`` / ``-inf`` past a short list). Used for parquet parts and for batches streamed by Ray Data."""
     ids = np.full((n, width), -1, dtype=np.int64)
     scores = np.full((n, width), -np.inf, dtype=np.float32)
     for t in tables:
+        if not t.num_rows:
+            continue
         rows = t.column(id_name).to_numpy()
         lists = t.column(list_name).combine_chunks()
         sc = t.column("scores").combine_chunks()
@@ -391,6 +390,15 @@ def _read_lists(directory: Path, id_name: str, list_name: str, n: int) -> tuple[
         ids[flat_rows, flat_cols] = lists.flatten().to_numpy()
         scores[flat_rows, flat_cols] = sc.flatten().to_numpy()
     return ids, scores
+
+
+def _read_lists(directory: Path, id_name: str, list_name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p) for p in sorted(directory.glob("part-*.parquet"))]
+    width = max((int(t.column(list_name).combine_chunks().value_lengths().to_numpy().max(initial=0))
+                 for t in tables if t.num_rows), default=0)
+    return lists_from_tables(tables, id_name, list_name, n, width)
 
 
 def load_ranking(path: str | Path, verify: bool = False) -> Ranking:

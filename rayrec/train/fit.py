@@ -85,6 +85,21 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
         read_manifest(dc.teacher.ranking, KIND, RERUN)
 
 
+def _ranking_for(cfg: ExperimentConfig) -> dict | None:
+    """``{"path", "num_users", "num_items", "top_n"}`` of the ranking artifact the method reads, else None."""
+    from rayrec.distill import NEEDS_RANKING
+
+    dc = cfg.distill
+    if dc.method not in NEEDS_RANKING or (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0):
+        return None
+    from rayrec.artifacts import read_manifest
+    from rayrec.teacher.rank import KIND, RERUN
+
+    m = read_manifest(dc.teacher.ranking, KIND, RERUN)
+    return {"path": str(Path(dc.teacher.ranking).resolve()), "num_users": m["num_users"],
+            "num_items": m["num_items"], "top_n": m["top_n"]}
+
+
 def prepared_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.prepared_root).resolve() if cfg.data.prepared_root else resolve_storage_root(cfg) / "prepared"
 
@@ -134,10 +149,19 @@ def fit(
         train_ds = train_ds.random_shuffle(seed=seed)
     elif tc.shuffle == "blocks":
         train_ds = train_ds.randomize_block_order(seed=seed)
+    datasets = {"train": train_ds}
+    data_config = None
+    ranking = _ranking_for(cfg)
+    if ranking is not None:
+        # [ray] the teacher's top-N lists stream to every worker through Ray Data (not split: each worker needs
+        # every user's list, since its interaction shard covers any user)
+        datasets["teacher_topn"] = ray.data.read_parquet(str(Path(ranking["path"]) / "topn"))
+        data_config = ray.train.DataConfig(datasets_to_split=["train"])
     rc = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared), "resume_from": resume_from},
+        train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared), "resume_from": resume_from,
+                           "ranking": ranking},
         scaling_config=ray.train.ScalingConfig(
             num_workers=rc.num_workers,
             use_gpu=rc.use_gpu,
@@ -152,7 +176,8 @@ def fit(
             # print() in workers goes straight to the driver (Ray's print patch would log every line twice)
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={"train": train_ds},
+        datasets=datasets,
+        **({"dataset_config": data_config} if data_config is not None else {}),
     )
     progress(f"[fit] {run_name}: {rc.num_workers} worker(s), data {prepared}")
     result = trainer.fit()

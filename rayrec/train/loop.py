@@ -52,22 +52,25 @@ def _save_state(d: str, optim, state: dict) -> None:
         json.dump(state, f, indent=1)
 
 
-def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank: int):
+def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank: int, ranking: dict | None):
     """``(method, frozen teacher)`` for ``cfg.distill`` (``(None, None)`` for ``none``), built in every worker."""
     dc = cfg.distill
     if dc.method == "none":
         return None, None
-    from rayrec.distill import NEEDS_CHECKPOINT, NEEDS_RANKING, build_method
+    from rayrec.distill import NEEDS_CHECKPOINT, build_method
 
     topn = topn_scores = None
-    if dc.method in NEEDS_RANKING:
-        from rayrec.teacher.rank import load_ranking
+    if ranking is not None:
+        import ray.train
 
-        rk = load_ranking(dc.teacher.ranking)
-        if (rk.manifest["num_users"], rk.manifest["num_items"]) != (pd.num_users, pd.num_items):
-            raise ValueError(f"{dc.teacher.ranking}: ranking of {rk.manifest['num_users']} users x "
-                             f"{rk.manifest['num_items']} items, data has {pd.num_users} x {pd.num_items}")
-        topn, topn_scores = rk.items, rk.scores
+        from rayrec.teacher.rank import lists_from_tables
+
+        if (ranking["num_users"], ranking["num_items"]) != (pd.num_users, pd.num_items):
+            raise ValueError(f"{ranking['path']}: ranking of {ranking['num_users']} users x {ranking['num_items']} "
+                             f"items, data has {pd.num_users} x {pd.num_items} (another prepared dataset?)")
+        # [ray] every user's list, streamed from the (unsplit) Ray Data dataset
+        batches = ray.train.get_dataset_shard("teacher_topn").iter_batches(batch_size=4096, batch_format="pyarrow")
+        topn, topn_scores = lists_from_tables(batches, "user", "items", pd.num_users, ranking["top_n"])
     method = build_method(dc, student_name=cfg.model.name, student_dim=cfg.model.dim, num_items=pd.num_items,
                           train_csr=(evald.train.indptr.numpy(), evald.train.indices.numpy()), topn=topn,
                           topn_scores=topn_scores)
@@ -109,7 +112,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     sharded = cfg.model.sharding != "none"
     model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std, sharded=sharded)
     # [distill] the method (with its own parameters) and the frozen teacher, still sharded over these workers
-    method, teacher = _build_distillation(cfg, pd, evald, device, rank)
+    method, teacher = _build_distillation(cfg, pd, evald, device, rank, config.get("ranking"))
     task = TrainTask(model, reduction=tc.loss_reduction, world_size=world, method=method)
     if sharded:
         # [ray] TorchRec: tables sharded over Ray's process group, fused optimizer in backward, dense layers DDP

@@ -60,7 +60,10 @@ def test_sharded_teacher_smoke(ray_session, tmp_path):
     assert set(rows) == {"memory_ws1", "memory_ws2", "bpr_teacher", "train_sharded", "rank_top500"}
     # 2M rows x 64 dims: the per-worker share of the tables halves (the rest is the Python runtime)
     assert rows["memory_ws2"]["extra"]["tables_estimate_mib"] == pytest.approx(rows["memory_ws1"]["extra"]["tables_estimate_mib"] / 2, rel=0.01)
-    assert rows["memory_ws2"]["timing"]["peak_mib"] < rows["memory_ws1"]["timing"]["peak_mib"] - 150  # 496 vs 248 MiB
+    # resident growth while the tables are built (the peak of a small run is dominated by imports and transients)
+    grown = {w: max(r["after_build_mib"] - r["base_mib"] for r in rows[f"memory_ws{w}"]["extra"]["per_rank"])
+             for w in (1, 2)}
+    assert grown[1] > 400 and grown[2] < 0.6 * grown[1], grown  # ~500 vs ~250 MiB
     assert rows["bpr_teacher"]["world_size"] == 2 and rows["bpr_teacher"]["metrics"]["test/H@10"] > 0.1
     assert rows["rank_top500"]["extra"]["matmul_ratio"] > 0 and rows["train_sharded"]["timing"]["rows_per_s"] > 0
 

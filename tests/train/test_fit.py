@@ -172,6 +172,6 @@ def test_sharded_needs_workers(tmp_path):
     with pytest.raises(ConfigError, match="CUDA"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=adam"))
     with pytest.raises(ConfigError, match="multiple of 4"):
-        validate(_cfg(tmp_path, "model.sharding=row_wise", "model.name=neumf", "model.dim=250"))
+        validate(_cfg(tmp_path, "model.sharding=row_wise", "model.name=neumf", "model.dim=250", "eval.full=false"))
     with pytest.raises(ConfigError, match="no weight decay"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=exact_adagrad", "train.weight_decay=0.1"))
