@@ -63,8 +63,9 @@ class DataConfig:
 class ModelConfig:
     """A base recommender (registry key + size)."""
 
-    name: Literal["bpr", "neumf"] = "bpr"
+    name: Literal["bpr", "neumf", "lightgcn"] = "bpr"
     dim: int = 20  # embedding size d (NeuMF: d for GMF and for MLP tables)
+    layers: int = 3  # LightGCN propagation steps (representations = mean of layers 0..layers)
     init_std: float = 0.01  # N(0, init_std) embedding init (DE-RRD code)
     # none: plain nn.Embedding tables, DDP (students). Otherwise TorchRec tables sharded across the workers by
     # DistributedModelParallel with this sharding type (teachers; see rayrec.sharding)
@@ -82,6 +83,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim <= 0:
             raise ConfigError(f"model.dim must be > 0, got {self.dim}")
+        if self.layers < 0:
+            raise ConfigError(f"model.layers must be >= 0, got {self.layers}")
         if self.table_budget_mb < 0:
             raise ConfigError(f"model.table_budget_mb must be >= 0 (0: no limit), got {self.table_budget_mb}")
 

@@ -15,7 +15,7 @@ METHODS = ("none", "rd", "cd", "de", "rrd", "de_rrd")
 NEEDS_CHECKPOINT = {"de", "de_rrd"}
 NEEDS_RANKING = {"rd", "cd", "rrd", "de_rrd"}
 
-REPR_PARTS = {"bpr": ["emb"], "neumf": ["gmf", "mlp"]}
+REPR_PARTS = {"bpr": ["emb"], "neumf": ["gmf", "mlp"], "lightgcn": ["emb"]}
 
 
 def build_method(dc, *, student_name: str, student_dim: int, num_items: int, train_csr: tuple[np.ndarray, np.ndarray],

@@ -18,7 +18,7 @@ _STATE_PER_ROW = {"exact_sgd": lambda d: 0, "exact_rowwise_adagrad": lambda d: 1
 
 def model_tables(name: str, num_users: int, num_items: int, dim: int) -> list[tuple[int, int]]:
     """``(rows, dim)`` of every embedding table of a base model."""
-    if name == "bpr":
+    if name in ("bpr", "lightgcn"):
         return [(num_users, dim), (num_items, dim)]
     if name == "neumf":
         return [(num_users, dim), (num_items, dim)] * 2

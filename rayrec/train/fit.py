@@ -36,6 +36,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
         raise ConfigError("ray.use_gpu needs ray.num_workers >= 1")
     if cfg.model.sharding != "none":
+        if cfg.model.name == "lightgcn":
+            raise ConfigError("a sharded LightGCN is not implemented yet (issue 5); use model.sharding=none")
         if cfg.ray.num_workers == 0:
             raise ConfigError("model.sharding needs ray.num_workers >= 1 (local mode has no process group)")
         if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) != ("bpr", "row_wise"):

@@ -110,7 +110,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     torch.manual_seed(tc.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     sharded = cfg.model.sharding != "none"
-    model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std, sharded=sharded)
+    model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std, sharded=sharded,
+                        layers=cfg.model.layers, graph=(pd.train_user, pd.train_item))
     # [distill] the method (with its own parameters) and the frozen teacher, still sharded over these workers
     method, teacher = _build_distillation(cfg, pd, evald, device, rank, config.get("ranking"))
     task = TrainTask(model, reduction=tc.loss_reduction, world_size=world, method=method)

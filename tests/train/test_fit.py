@@ -98,6 +98,15 @@ def test_neumf_bce_trains_in_local_mode(ray_session, prepared, tmp_path):
     assert s["metrics"]["test/H@10"] > 0.15  # random: 0.10
 
 
+def test_lightgcn_trains_in_local_mode(ray_session, prepared, tmp_path):
+    cfg = _cfg(tmp_path, "model.name=lightgcn", "model.dim=8", "model.layers=2", "model.init_std=0.1",
+               "train.max_epochs=2", "train.weight_decay=0", "ray.num_workers=0")
+    s = fit(cfg, prepared=prepared)
+    assert s["num_parameters"] == (938 + 1447) * 8  # the graph is not a parameter
+    assert s["history"][1]["train/loss"] < s["history"][0]["train/loss"]
+    assert s["metrics"]["test/H@10"] > 0.15 and 0 < s["metrics"]["full/Recall@10"] <= 1
+
+
 def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(ray_session, prepared, tmp_path):
     # a per-worker table budget that one worker cannot meet: refused at 1 worker, trains at 2
     # (BPR d=20: (938 + 1447) x (20 + 1) x 4 B = 0.191 MiB with row-wise Adagrad state; half of it per worker)
@@ -171,6 +180,8 @@ def test_sharded_needs_workers(tmp_path):
         validate(_cfg(tmp_path, "model.sharding=table_wise"))
     with pytest.raises(ConfigError, match="CUDA"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=adam"))
+    with pytest.raises(ConfigError, match="sharded LightGCN"):
+        validate(_cfg(tmp_path, "model.sharding=row_wise", "model.name=lightgcn"))
     with pytest.raises(ConfigError, match="multiple of 4"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.name=neumf", "model.dim=250", "eval.full=false"))
     with pytest.raises(ConfigError, match="no weight decay"):
