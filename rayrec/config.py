@@ -25,6 +25,7 @@ import yaml
 
 from rayrec.distill.cd import CDConfig
 from rayrec.distill.de import DEConfig
+from rayrec.distill.nkd import NKDConfig
 from rayrec.distill.rd import RDConfig
 from rayrec.distill.rrd import RRDConfig
 from rayrec.errors import ConfigError
@@ -181,12 +182,13 @@ class DistillConfig:
     """Which method distills the teacher into ``model`` (the student), and each method's hyperparameters
     (paper symbols; see rayrec/distill/<method>.py). ``none`` trains the student alone through the same loop."""
 
-    method: Literal["none", "rd", "cd", "de", "rrd", "de_rrd"] = "none"
+    method: Literal["none", "rd", "cd", "de", "rrd", "de_rrd", "nkd"] = "none"
     teacher: TeacherRef = field(default_factory=TeacherRef)
     de: DEConfig = field(default_factory=DEConfig)
     rrd: RRDConfig = field(default_factory=RRDConfig)
     rd: RDConfig = field(default_factory=RDConfig)
     cd: CDConfig = field(default_factory=CDConfig)
+    nkd: NKDConfig = field(default_factory=NKDConfig)
 
 
 @dataclass

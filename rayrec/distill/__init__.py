@@ -11,15 +11,17 @@ import numpy as np
 from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, TeacherRequest
 from rayrec.errors import ConfigError
 
-METHODS = ("none", "rd", "cd", "de", "rrd", "de_rrd")
-NEEDS_CHECKPOINT = {"de", "de_rrd"}
-NEEDS_RANKING = {"rd", "cd", "rrd", "de_rrd"}
+METHODS = ("none", "rd", "cd", "de", "rrd", "de_rrd", "nkd")
+NEEDS_CHECKPOINT = {"de", "de_rrd", "nkd"}  # the frozen sharded teacher, looked up every step
+NEEDS_RANKING = {"rd", "cd", "rrd", "de_rrd"}  # the teacher's top-N lists
+NEEDS_NEIGHBORS = {"nkd"}  # the teacher-space k nearest users and items
 
 REPR_PARTS = {"bpr": ["emb"], "neumf": ["gmf", "mlp"], "lightgcn": ["emb"]}
 
 
 def build_method(dc, *, student_name: str, student_dim: int, num_items: int, train_csr: tuple[np.ndarray, np.ndarray],
-                 topn: np.ndarray | None = None, topn_scores: np.ndarray | None = None) -> DistillMethod | None:
+                 topn: np.ndarray | None = None, topn_scores: np.ndarray | None = None,
+                 neighbors: dict[str, np.ndarray] | None = None) -> DistillMethod | None:
     """The method of ``dc`` (a :class:`rayrec.config.DistillConfig`); None for ``none``."""
     m = dc.method
     if m == "none":
@@ -57,7 +59,15 @@ def build_method(dc, *, student_name: str, student_dim: int, num_items: int, tra
         from rayrec.distill.cd import CD
 
         return CD(dc.cd, topn=topn, topn_scores=topn_scores)
+    if m == "nkd":
+        from rayrec.distill.nkd import NKD
+
+        if not neighbors:
+            raise ConfigError("distill.method=nkd needs the teacher's neighbour lists (rank.user_neighbors / "
+                              "rank.item_neighbors in rank_teacher, then distill.teacher.ranking)")
+        return NKD(dc.nkd, student_dim=student_dim, teacher_dim=dc.teacher.dim, user_nn=neighbors["user"],
+                   item_nn=neighbors["item"])
     raise ConfigError(f"unknown distill.method {m!r}")  # pragma: no cover - Literal-checked
 
 
-__all__ = ["METHODS", "DistillBatch", "DistillMethod", "TeacherAnswer", "TeacherRequest", "build_method"]
+__all__ = ["METHODS", "NEEDS_CHECKPOINT", "NEEDS_NEIGHBORS", "NEEDS_RANKING", "DistillBatch", "DistillMethod", "TeacherAnswer", "TeacherRequest", "build_method"]

@@ -36,6 +36,7 @@ class DistillBatch:
     uniq_users: Tensor = field(init=False)  # [U_b]
     uniq_pos: Tensor = field(init=False)  # [I_p]
     uniq_neg: Tensor = field(init=False)  # [I_n]
+    extras: dict = field(init=False, default_factory=dict)  # per-step state a method keeps between its hooks
 
     def __post_init__(self) -> None:
         self.uniq_users = torch.unique(self.users)

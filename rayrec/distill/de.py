@@ -86,10 +86,11 @@ def tau_at(cfg: DEConfig, epoch: int) -> float:
     return max(cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** t, cfg.tau_end)
 
 
-class Experts(nn.Module):
-    """``M`` two-layer experts ``D_s -> H -> D_t`` evaluated together, plus the selection network ``D_t -> M``."""
+class ExpertMLPs(nn.Module):
+    """``M`` two-layer MLPs ``D_s -> H -> D_t`` (ReLU) evaluated together as batched matmuls; ``dropout`` before
+    each layer (0: none)."""
 
-    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0) -> None:
+    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         h = hidden or ((d_s + d_t) // 2 if d_s != d_t else max(d_s // 2, 1))
         self.M, self.d_t = M, d_t
@@ -101,12 +102,20 @@ class Experts(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
-        self.select = nn.Linear(d_t, M)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def expert_outputs(self, h_s: Tensor) -> Tensor:
         """``[B, D_s]`` -> every expert's output ``[B, M, D_t]``."""
-        x = torch.relu(torch.einsum("bd,mdh->bmh", h_s, self.w1) + self.b1)  # [B, M, H]
-        return torch.einsum("bmh,mht->bmt", x, self.w2) + self.b2  # [B, M, D_t]
+        x = torch.relu(torch.einsum("bd,mdh->bmh", self.drop(h_s), self.w1) + self.b1)  # [B, M, H]
+        return torch.einsum("bmh,mht->bmt", self.drop(x), self.w2) + self.b2  # [B, M, D_t]
+
+
+class Experts(ExpertMLPs):
+    """DE's ``M`` experts plus the selection network ``D_t -> M``."""
+
+    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0) -> None:
+        super().__init__(M, d_s, d_t, hidden)
+        self.select = nn.Linear(d_t, M)
 
     def forward(self, h_s: Tensor, h_t: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
         """Per-entity DE loss ``||h_t - Σ_m s_m E_m(h_s)||²`` -> ``[B]``."""

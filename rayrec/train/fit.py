@@ -57,7 +57,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def _validate_distill(cfg: ExperimentConfig) -> None:
     """The teacher artifacts a distillation method reads exist and fit the run (checked before Ray starts)."""
-    from rayrec.distill import NEEDS_CHECKPOINT, NEEDS_RANKING
+    from rayrec.distill import NEEDS_CHECKPOINT, NEEDS_NEIGHBORS, NEEDS_RANKING
 
     dc = cfg.distill
     if dc.method == "none":
@@ -65,8 +65,9 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
     if cfg.model.sharding != "none":
         raise ConfigError("distillation trains a dense (DDP) student: set model.sharding=none "
                           "(the teacher's sharding is distill.teacher.sharding)")
-    uses_de = dc.method in NEEDS_CHECKPOINT and dc.de.lambda_de > 0
-    uses_lists = dc.method in NEEDS_RANKING and not (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0)
+    uses_de = dc.method in NEEDS_CHECKPOINT and not (dc.method in ("de", "de_rrd") and dc.de.lambda_de == 0)
+    uses_lists = (dc.method in NEEDS_RANKING and not (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0)) \
+        or dc.method in NEEDS_NEIGHBORS
     if uses_de:
         if not dc.teacher.checkpoint:
             raise ConfigError(f"distill.method={dc.method} needs distill.teacher.checkpoint (train_teacher's output)")
@@ -76,7 +77,7 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
         if cfg.ray.num_workers == 0:
             raise ConfigError(f"distill.method={dc.method} loads the sharded teacher: needs ray.num_workers >= 1")
         if dc.teacher.name != cfg.model.name:
-            raise ConfigError(f"DE needs the same base model for teacher and student: distill.teacher.name="
+            raise ConfigError(f"{dc.method} needs the same base model for teacher and student: distill.teacher.name="
                               f"{dc.teacher.name}, model.name={cfg.model.name}")
     if uses_lists:
         if not dc.teacher.ranking:
@@ -89,17 +90,23 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
 
 def _ranking_for(cfg: ExperimentConfig) -> dict | None:
     """``{"path", "num_users", "num_items", "top_n"}`` of the ranking artifact the method reads, else None."""
-    from rayrec.distill import NEEDS_RANKING
+    from rayrec.distill import NEEDS_NEIGHBORS, NEEDS_RANKING
 
     dc = cfg.distill
-    if dc.method not in NEEDS_RANKING or (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0):
+    lists = dc.method in NEEDS_RANKING and not (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0)
+    neighbors = dc.method in NEEDS_NEIGHBORS
+    if not (lists or neighbors):
         return None
     from rayrec.artifacts import read_manifest
     from rayrec.teacher.rank import KIND, RERUN
 
     m = read_manifest(dc.teacher.ranking, KIND, RERUN)
+    if neighbors and not {"user_neighbors", "item_neighbors"} <= set(m["counts"]):
+        raise ConfigError(f"{dc.teacher.ranking}: no user/item neighbour lists; rerun {RERUN} with "
+                          "rank.user_neighbors and rank.item_neighbors > 0")
     return {"path": str(Path(dc.teacher.ranking).resolve()), "num_users": m["num_users"],
-            "num_items": m["num_items"], "top_n": m["top_n"]}
+            "num_items": m["num_items"], "top_n": m["top_n"], "lists": lists, "neighbors": neighbors,
+            "k_user": m["rank"]["user_neighbors"], "k_item": m["rank"]["item_neighbors"]}
 
 
 def prepared_root(cfg: ExperimentConfig) -> Path:
@@ -157,7 +164,11 @@ def fit(
     if ranking is not None:
         # [ray] the teacher's top-N lists stream to every worker through Ray Data (not split: each worker needs
         # every user's list, since its interaction shard covers any user)
-        datasets["teacher_topn"] = ray.data.read_parquet(str(Path(ranking["path"]) / "topn"))
+        if ranking["lists"]:
+            datasets["teacher_topn"] = ray.data.read_parquet(str(Path(ranking["path"]) / "topn"))
+        if ranking["neighbors"]:
+            for kind in ("user", "item"):
+                datasets[f"teacher_{kind}_nn"] = ray.data.read_parquet(str(Path(ranking["path"]) / f"{kind}_neighbors"))
         data_config = ray.train.DataConfig(datasets_to_split=["train"])
     rc = cfg.ray
     trainer = TorchTrainer(

@@ -59,7 +59,7 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
         return None, None
     from rayrec.distill import NEEDS_CHECKPOINT, build_method
 
-    topn = topn_scores = None
+    topn = topn_scores = neighbors = None
     if ranking is not None:
         import ray.train
 
@@ -68,12 +68,23 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
         if (ranking["num_users"], ranking["num_items"]) != (pd.num_users, pd.num_items):
             raise ValueError(f"{ranking['path']}: ranking of {ranking['num_users']} users x {ranking['num_items']} "
                              f"items, data has {pd.num_users} x {pd.num_items} (another prepared dataset?)")
-        # [ray] every user's list, streamed from the (unsplit) Ray Data dataset
-        batches = ray.train.get_dataset_shard("teacher_topn").iter_batches(batch_size=4096, batch_format="pyarrow")
-        topn, topn_scores = lists_from_tables(batches, "user", "items", pd.num_users, ranking["top_n"])
+
+        def stream(name: str):  # [ray] a whole (unsplit) Ray Data dataset, batch by batch
+            return ray.train.get_dataset_shard(name).iter_batches(batch_size=4096, batch_format="pyarrow")
+
+        if ranking.get("lists", True):
+            topn, topn_scores = lists_from_tables(stream("teacher_topn"), "user", "items", pd.num_users,
+                                                  ranking["top_n"])
+        if ranking.get("neighbors"):
+            neighbors = {
+                "user": lists_from_tables(stream("teacher_user_nn"), "user", "neighbors", pd.num_users,
+                                          ranking["k_user"])[0],
+                "item": lists_from_tables(stream("teacher_item_nn"), "item", "neighbors", pd.num_items,
+                                          ranking["k_item"])[0],
+            }
     method = build_method(dc, student_name=cfg.model.name, student_dim=cfg.model.dim, num_items=pd.num_items,
                           train_csr=(evald.train.indptr.numpy(), evald.train.indices.numpy()), topn=topn,
-                          topn_scores=topn_scores)
+                          topn_scores=topn_scores, neighbors=neighbors)
     teacher = None
     if dc.method in NEEDS_CHECKPOINT and method.needs_teacher:
         from rayrec.teacher.frozen import load_frozen_teacher

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rayrec.distill.base import DistillBatch, TeacherAnswer
 from rayrec.distill.cd import CD, CDConfig
@@ -176,3 +177,44 @@ def test_rd_and_cd_methods():
     cd = CD(CDConfig(k=3, lambda_cd=1.0), topn=topn, topn_scores=scores)
     cd.on_epoch_start(0, torch.Generator().manual_seed(0))
     assert cd.ranks.shape == (4, 3) and torch.isfinite(cd.losses(batch=b, student=student, teacher=None)["kd/cd"])
+
+
+def test_nkd_mixing_projector_and_loss_by_hand():
+    from rayrec.distill.nkd import NKD, NKDConfig, mix_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    soft = mix_coefficients((2000, 4), "soft", 0.5, g)
+    assert 0 <= soft.min() and soft.max() <= 1.0 and abs(soft.mean().item() - 0.5) < 0.02
+    hard = mix_coefficients((2000, 4), "hard", 0.7, g)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0} and abs(hard.mean().item() - 0.7) < 0.03
+    hm = mix_coefficients((50, 4), "hardmix", 0.5, g)
+    assert (hm == hm[:, :1]).all()  # one decision per entity
+    assert (mix_coefficients((3, 2), "mix", 0.3, g) == 0.3).all()
+
+    torch.manual_seed(0)
+    U, I = 4, 9
+    student, teacher = BPR(U, I, 4, init_std=0.5), BPR(U, I, 6, init_std=0.5)
+    user_nn = np.array([[1, 2], [0, 2], [3, 0], [2, 1]])
+    item_nn = np.stack([(np.arange(I) + 1) % I, (np.arange(I) + 2) % I], 1)
+    nkd = NKD(NKDConfig(K=2, strategy="mix", alpha=1.0, lambda_n=2.0), student_dim=4, teacher_dim=6,
+              user_nn=user_nn, item_nn=item_nn)
+    nkd.on_epoch_start(0, torch.Generator().manual_seed(1))
+    b = _tiny_batch()
+    req = nkd.teacher_request(b)
+    nu, ni = b.extras["nkd"]
+    assert all(int(n) in user_nn[int(u)] for u, n in zip(b.uniq_users, nu))  # a neighbour of each entity
+    with torch.no_grad():
+        ans = TeacherAnswer(user=teacher.user_repr(req.users), item=teacher.item_repr(req.items))
+    got = nkd.losses(batch=b, student=student, teacher=ans)["kd/nkd"]
+    # alpha = 1 with "mix": no neighbour mixed in, so the loss is the plain cosine distance of the entity itself
+    with torch.no_grad():
+        cos_u = 1 - F.cosine_similarity(teacher.user_emb(b.uniq_users), nkd.user_proj(student.user_emb(b.uniq_users)))
+        items = torch.cat([b.uniq_pos, b.uniq_neg])
+        cos_i = 1 - F.cosine_similarity(teacher.item_emb(items), nkd.item_proj(student.item_emb(items)))
+    n_pos = len(b.uniq_pos)
+    want = 2.0 * (cos_u.sum() + 0.5 * (cos_i[:n_pos].sum() + cos_i[n_pos:].sum()))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert nkd.user_proj.w1.grad.abs().sum() > 0 and student.item_emb.weight.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="rank.user_neighbors >= 3"):
+        NKD(NKDConfig(K=3), student_dim=4, teacher_dim=6, user_nn=user_nn, item_nn=item_nn)

@@ -131,10 +131,11 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     from rayrec.teacher.rank import load_ranking, rank_teacher
 
     rcfg = _cfg(tmp_path, "model.sharding=row_wise", "ray.num_workers=2", "rank.top_n=50", "rank.user_chunk=200",
-                "rank.item_neighbors=5", "rank.neighbor_pca=0", "rank.neighbor_metric=cosine")
+                "rank.item_neighbors=5", "rank.user_neighbors=5", "rank.neighbor_pca=0", "rank.neighbor_metric=cosine")
     out = rank_teacher(rcfg, final, prepared=prepared)
     rk = load_ranking(out, verify=True)
-    assert rk.manifest["counts"] == {"topn": 938, "item_neighbors": 1447} and rk.manifest["world_size"] == 2
+    assert rk.manifest["counts"] == {"topn": 938, "user_neighbors": 938, "item_neighbors": 1447}
+    assert rk.manifest["world_size"] == 2
     dense = export_dense(final)
     scores = dense["model.ec.embeddings.user.weight"] @ dense["model.ec.embeddings.item.weight"].T  # [U, I]
     train = np.zeros(scores.shape, dtype=bool)
@@ -160,6 +161,10 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     assert d["metrics"]["test/H@10"] > 0.15
     ck = Path(d["checkpoint"])
     assert (ck / "model.pt").exists() and torch.load(ck / "model.pt").keys() == {"user_emb.weight", "item_emb.weight"}
+    # NKD: neighbour lists streamed from the artifact, teacher input vectors looked up for entities and neighbours
+    n = fit(_cfg(tmp_path, "model.dim=8", "distill.method=nkd", "distill.nkd.K=3", "train.max_epochs=1",
+                 "ray.num_workers=2", "eval.full=false", *teacher), prepared=prepared)
+    assert n["history"][0]["train/kd/nkd"] > 0 and n["num_parameters"] == (938 + 1447) * 8
     # RRD alone needs no teacher lookups: it also runs in local mode
     r = fit(_cfg(tmp_path, "model.dim=8", "distill.method=rrd", "distill.rrd.interesting=top", "train.max_epochs=1",
                  "ray.num_workers=0", "eval.full=false", *teacher), prepared=prepared)
