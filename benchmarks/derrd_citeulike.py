@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
+    ap.add_argument("--out", default="derrd_citeulike", help="result name: benchmarks/results/<out>.json (+ .md)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
     args = ap.parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
     from rayrec.teacher.rank import rank_teacher
     from rayrec.train.fit import fit
 
-    out_path = (RESULTS / "smoke" / "derrd_citeulike.json") if args.smoke else RESULTS / "derrd_citeulike.json"
+    out_path = RESULTS / "smoke" / f"{args.out}.json" if args.smoke else RESULTS / f"{args.out}.json"
     common = ["storage_root=runs/smoke", "train.max_epochs=1", "data.num_eval_negatives=99"] if args.smoke else []
     data = "data/ml100k" if args.smoke else "data/citeulike_t_derrd"
     rows: list[dict] = []
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     def flush(complete: bool) -> None:
         for r in rows:
             r["extra"]["complete"] = complete
-        write_result("derrd_citeulike", rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
+        write_result(args.out, rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
         out_path.with_suffix(".md").write_text(_markdown(rows))
 
     for model in args.models:
