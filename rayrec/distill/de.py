@@ -105,9 +105,18 @@ class ExpertMLPs(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def expert_outputs(self, h_s: Tensor) -> Tensor:
-        """``[B, D_s]`` -> every expert's output ``[B, M, D_t]``."""
+        """``[B, D_s]`` -> every expert's output ``[B, M, D_t]`` (for inspection; training uses :meth:`mixture`)."""
         x = torch.relu(torch.einsum("bd,mdh->bmh", self.drop(h_s), self.w1) + self.b1)  # [B, M, H]
         return torch.einsum("bmh,mht->bmt", self.drop(x), self.w2) + self.b2  # [B, M, D_t]
+
+    def mixture(self, h_s: Tensor, s: Tensor) -> Tensor:
+        """``Σ_m s_m E_m(h_s)`` for weights ``s`` ``[B, M]`` -> ``[B, D_t]``, as two plain GEMMs:
+        ``relu(h W1) [B, M·H]`` scaled per expert, times the stacked second layers ``[M·H, D_t]``; the
+        ``[B, M, D_t]`` block of expert outputs is never built (same FLOPs, ~3x faster on CPU than batched bmm)."""
+        M, d_s, H = self.w1.shape
+        x = torch.relu(self.drop(h_s) @ self.w1.permute(1, 0, 2).reshape(d_s, M * H) + self.b1.reshape(1, M * H))
+        x = (self.drop(x).view(-1, M, H) * s.unsqueeze(-1)).reshape(-1, M * H)  # [B, M·H]
+        return x @ self.w2.reshape(M * H, -1) + s @ self.b2  # [B, D_t]
 
 
 class Experts(ExpertMLPs):
@@ -123,7 +132,7 @@ class Experts(ExpertMLPs):
             return h_s.new_zeros(0)
         alpha = torch.softmax(self.select(h_t), dim=-1)  # [B, M]
         s = gumbel_softmax(alpha, tau, generator) if self.M > 1 else torch.ones_like(alpha)
-        mapped = (s.unsqueeze(-1) * self.expert_outputs(h_s)).sum(dim=1)  # [B, D_t]
+        mapped = self.mixture(h_s, s)  # [B, D_t] = Σ_m s_m E_m(h_s)
         return ((h_t - mapped) ** 2).sum(dim=1)
 
 

@@ -85,7 +85,8 @@ class MeanProjector(ExpertMLPs):
     """``M`` MLPs ``D_s -> H -> D_t``, outputs averaged and L2-normalised -> ``[B, D_t]``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.expert_outputs(x).mean(dim=1), dim=-1)
+        s = x.new_full((x.shape[0], self.M), 1.0 / self.M)  # plain mean of the M outputs
+        return F.normalize(self.mixture(x, s), dim=-1)
 
 
 class NKD(DistillMethod):
