@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
         "timing": {"topn_s": round(t["topn_s"], 3), "total_s": round(t["total_s"], 2),
                    "users_per_s": round(U / t["topn_s"], 1)},
         "extra": {"users": U, "items": I, "top_n": rk.manifest["top_n"], "scoring_flop_per_s": round(rate),
-                  "matmul_flop_per_s": round(peak), "matmul_ratio": round(rate / peak, 3)},
+                  "matmul_flop_per_s": round(peak), "matmul_ratio": float(f"{rate / peak:.3g}")},
     })
 
     path = write_result("sharded_teacher", rows, command=command_line(__file__, argv),
