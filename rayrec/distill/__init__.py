@@ -26,7 +26,8 @@ def build_method(dc, *, student_name: str, student_dim: int, num_items: int, tra
     m = dc.method
     if m == "none":
         return None
-    if m in NEEDS_RANKING and topn is None:
+    rrd_off = m == "de_rrd" and dc.rrd.lambda_rrd == 0  # DE-RRD with its RRD part switched off needs no lists
+    if m in NEEDS_RANKING and topn is None and not rrd_off:
         raise ConfigError(f"distill.method={m} needs the teacher's ranking (distill.teacher.ranking)")
 
     def de():
@@ -50,7 +51,7 @@ def build_method(dc, *, student_name: str, student_dim: int, num_items: int, tra
     if m == "de_rrd":
         from rayrec.distill.de_rrd import DERRD
 
-        return DERRD(de(), rrd())
+        return DERRD(de(), None if rrd_off else rrd())
     if m == "rd":
         from rayrec.distill.rd import RD
 

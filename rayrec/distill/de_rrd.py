@@ -18,10 +18,10 @@ from rayrec.distill.rrd import RRD
 class DERRD(DistillMethod):
     name = "de_rrd"
 
-    def __init__(self, de: DE, rrd: RRD) -> None:
+    def __init__(self, de: DE | None, rrd: RRD | None) -> None:
         super().__init__()
-        self.de = de if de.cfg.lambda_de > 0 else None
-        self.rrd = rrd if rrd.cfg.lambda_rrd > 0 else None
+        self.de = de if de is not None and de.cfg.lambda_de > 0 else None
+        self.rrd = rrd if rrd is not None and rrd.cfg.lambda_rrd > 0 else None
         self.needs_teacher = self.de is not None
         self.needs_ranking = self.rrd is not None
 

@@ -218,3 +218,18 @@ def test_nkd_mixing_projector_and_loss_by_hand():
     assert nkd.user_proj.w1.grad.abs().sum() > 0 and student.item_emb.weight.grad.abs().sum() > 0
     with pytest.raises(Exception, match="rank.user_neighbors >= 3"):
         NKD(NKDConfig(K=3), student_dim=4, teacher_dim=6, user_nn=user_nn, item_nn=item_nn)
+
+
+def test_de_rrd_parts_switch_off_by_their_weight():
+    from rayrec.config import load_config
+    from rayrec.distill import build_method
+
+    csr = (np.array([0, 1, 2, 3, 4]), np.array([0, 1, 2, 3]))
+    cfg = load_config([], ["distill.method=de_rrd", "distill.rrd.lambda_rrd=0", "distill.teacher.dim=8"])
+    m = build_method(cfg.distill, student_name="bpr", student_dim=4, num_items=9, train_csr=csr)  # no lists needed
+    assert m.rrd is None and m.de is not None and m.needs_teacher and not m.needs_ranking
+    topn = np.tile(np.arange(4, 9), (4, 1))
+    cfg = load_config([], ["distill.method=de_rrd", "distill.de.lambda_de=0", "distill.rrd.K=3", "distill.rrd.L=1"])
+    m = build_method(cfg.distill, student_name="bpr", student_dim=4, num_items=9, train_csr=csr, topn=topn)
+    assert m.de is None and m.rrd is not None and not m.needs_teacher
+    assert sum(p.numel() for p in m.parameters()) == 0  # no experts built into the optimiser when DE is off
