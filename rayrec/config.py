@@ -24,10 +24,15 @@ from typing import Any, Callable, Literal
 import yaml
 
 from rayrec.distill.cd import CDConfig
+from rayrec.distill.cpd import CPDConfig
 from rayrec.distill.de import DEConfig
+from rayrec.distill.htd import HTDConfig
+from rayrec.distill.mkd import MKDConfig
 from rayrec.distill.nkd import NKDConfig
 from rayrec.distill.rd import RDConfig
 from rayrec.distill.rrd import RRDConfig
+from rayrec.distill.sld import SLDConfig
+from rayrec.distill.unkd import UnKDConfig
 from rayrec.errors import ConfigError
 
 
@@ -182,13 +187,18 @@ class DistillConfig:
     """Which method distills the teacher into ``model`` (the student), and each method's hyperparameters
     (paper symbols; see rayrec/distill/<method>.py). ``none`` trains the student alone through the same loop."""
 
-    method: Literal["none", "rd", "cd", "de", "rrd", "de_rrd", "nkd"] = "none"
+    method: Literal["none", "rd", "cd", "de", "rrd", "de_rrd", "nkd", "cpd", "sld", "mkd", "htd", "unkd"] = "none"
     teacher: TeacherRef = field(default_factory=TeacherRef)
     de: DEConfig = field(default_factory=DEConfig)
     rrd: RRDConfig = field(default_factory=RRDConfig)
     rd: RDConfig = field(default_factory=RDConfig)
     cd: CDConfig = field(default_factory=CDConfig)
     nkd: NKDConfig = field(default_factory=NKDConfig)
+    cpd: CPDConfig = field(default_factory=CPDConfig)
+    sld: SLDConfig = field(default_factory=SLDConfig)
+    mkd: MKDConfig = field(default_factory=MKDConfig)
+    htd: HTDConfig = field(default_factory=HTDConfig)
+    unkd: UnKDConfig = field(default_factory=UnKDConfig)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A method is an ``nn.Module`` (it may own trainable parameters, e.g. DE's experts: optimised with the student,
 never exported) with three hooks, called by :mod:`rayrec.train.loop` for every method alike:
 
-- :meth:`DistillMethod.on_epoch_start` — per-epoch state (DE's Gumbel temperature, RRD's sampled lists);
+- :meth:`DistillMethod.on_epoch_start` — per-epoch state (DE's Gumbel temperature, RRD's sampled lists), then
+  :meth:`DistillMethod.set_student_topk` for methods that ask for the current student's ranking (SLD);
 - :meth:`DistillMethod.teacher_request` — which users/items the frozen (sharded) teacher must look up for this
   batch; the loop makes the lookup (a collective: every rank, every step) under ``no_grad``;
 - :meth:`DistillMethod.losses` — the method's **weighted** loss terms for the batch, by name (``kd/de`` ...),
@@ -84,6 +85,15 @@ class DistillMethod(nn.Module):
     def epoch_metrics(self) -> dict[str, float]:
         """Extra per-epoch values to report (e.g. ``kd/tau``)."""
         return {}
+
+    def student_topk_request(self) -> tuple[int, bool] | None:
+        """``(K, exclude_train)`` when the method needs the current student's top-``K`` items of every user at each
+        epoch start (SLD, CPD with a student guide); the loop computes it distributed over the workers and hands it
+        to :meth:`set_student_topk` after :meth:`on_epoch_start`."""
+        return None
+
+    def set_student_topk(self, topk: Tensor) -> None:
+        """The student's top-``K`` ``[U, K]`` (best first), identical on every rank."""
 
 
 def reduce_terms(x: Tensor, reduction: str) -> Tensor:

@@ -13,12 +13,17 @@ MODELS: dict[str, type[Recommender]] = {"bpr": BPR, "neumf": NeuMF, "lightgcn": 
 def build_model(name: str, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
                 sharded: bool = False, layers: int = 3, graph: tuple | None = None) -> Recommender:
     """A dense model, or (``sharded``) its TorchRec twin with tables on the meta device, ready for DMP.
-    ``graph``: the train interactions ``(users, items)`` a graph model (LightGCN, ``layers`` steps) propagates over."""
+    ``graph``: the train interactions ``(users, items)`` a graph model (LightGCN, ``layers`` steps) propagates over
+    (a sharded LightGCN built without one needs ``set_graph`` before its first forward)."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     if sharded:
         from rayrec.models.sharded import SHARDED_MODELS
 
+        if name == "lightgcn":  # the train graph too; its column blocks are built at the first forward
+            from rayrec.models.sharded_lightgcn import ShardedLightGCN
+
+            return ShardedLightGCN(num_users, num_items, dim, init_std=init_std, layers=layers, graph=graph)
         if name not in SHARDED_MODELS:
             raise KeyError(f"no sharded {name!r} model yet; sharded: {sorted(SHARDED_MODELS)}")
         return SHARDED_MODELS[name](num_users=num_users, num_items=num_items, dim=dim, init_std=init_std)

@@ -8,12 +8,14 @@ holds a contiguous block of user rows and a contiguous block of item rows and no
   ranks' user vectors, scores them against the local item rows only (train items masked), keeps a partial top-N
   and merges the ranks' partial lists (:func:`rayrec.sharding.ranking.sharded_topk`). No worker holds the item
   table or the ``[users, items]`` score matrix. BPR scores by dot product; NeuMF by its GMF + MLP head, split so
-  that the MLP's user half is computed once per user and its item half once per local item.
+  that the MLP's user half is computed once per user and its item half once per local item. LightGCN ranks its
+  propagated rows: each rank's layer-mean block comes from ``L`` propagation steps over the row-sharded tables
+  (:mod:`rayrec.models.sharded_lightgcn`), then scores by dot product like BPR.
 - **neighbours**: the same step with the user (or item) rows as both queries and keys, the entity itself
-  excluded. Representations: BPR's embedding; NeuMF's GMF and MLP embeddings side by side. With
-  ``rank.neighbor_pca`` they are first projected on the top principal components of the full table (centred;
-  the mean and the ``[D, D]`` covariance are all-reduced, so no rank gathers rows). Metric: Euclidean (MKD's
-  NKD), cosine or dot; scores are similarities (Euclidean: minus the squared distance).
+  excluded. Representations: BPR's embedding; LightGCN's propagated one; NeuMF's GMF and MLP embeddings side
+  by side. With ``rank.neighbor_pca`` they are first projected on the top principal components of the full
+  table (centred; the mean and the ``[D, D]`` covariance are all-reduced, so no rank gathers rows). Metric:
+  Euclidean (MKD's NKD), cosine or dot; scores are similarities (Euclidean: minus the squared distance).
 
 Output (one directory, written atomically, manifest last; see :mod:`rayrec.artifacts`)::
 
@@ -103,6 +105,10 @@ def teacher_blocks(teacher, name: str, dim: int) -> TeacherBlocks:
         if (uo, io) != (uo2, io2) or gu.shape != mu.shape or gi.shape != mi.shape:
             raise RuntimeError("NeuMF's GMF and MLP tables were sharded on different row blocks")
         return TeacherBlocks(torch.cat([gu, mu], 1), uo, torch.cat([gi, mi], 1), io, _neumf_scorer(teacher.model, dim))
+    if name == "lightgcn":  # the propagated (layer-mean) row blocks, not the ID tables (collective: L exchanges)
+        with torch.no_grad():
+            (u, uo), (i, io) = teacher.model.propagated_blocks()
+        return TeacherBlocks(u, uo, i, io, None)
     raise ValueError(f"no ranking for teacher model {name!r}")
 
 
@@ -261,6 +267,8 @@ def rank_loop_per_worker(config: dict) -> dict | None:
         exclude = (torch.from_numpy(indptr), torch.from_numpy(indices))
     teacher = load_frozen_teacher(config["checkpoint"], name=cfg.model.name, num_users=pd.num_users,
                                   num_items=pd.num_items, dim=cfg.model.dim, sharding_type="row_wise", device=device)
+    if cfg.model.name == "lightgcn":  # propagates over the graph it was trained on
+        teacher.model.set_graph(pd.train_user, pd.train_item, layers=cfg.model.layers)
     blocks = teacher_blocks(teacher, cfg.model.name, cfg.model.dim)
     load_s = time.perf_counter() - t0
     _log(rank, f"[rank] teacher {cfg.model.name} d={cfg.model.dim} loaded row-wise on {world} worker(s) in "

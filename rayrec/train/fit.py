@@ -36,8 +36,14 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
         raise ConfigError("ray.use_gpu needs ray.num_workers >= 1")
     if cfg.model.sharding != "none":
-        if cfg.model.name == "lightgcn":
-            raise ConfigError("a sharded LightGCN is not implemented yet (issue 5); use model.sharding=none")
+        if cfg.model.name == "lightgcn":  # propagation over row blocks (rayrec.models.sharded_lightgcn)
+            if cfg.model.sharding not in ("row_wise", "table_wise"):
+                raise ConfigError(f"a sharded LightGCN propagates over row blocks: model.sharding=row_wise or "
+                                  f"table_wise, not {cfg.model.sharding}")
+            if cfg.eval.full or cfg.eval.full_each_epoch:
+                raise ConfigError("full ranking of a sharded LightGCN inside training is not implemented (it would "
+                                  "rank the ID embeddings, not the propagated ones); set eval.full=false and "
+                                  "eval.full_each_epoch=false, and rank the trained teacher with rank_teacher")
         if cfg.ray.num_workers == 0:
             raise ConfigError("model.sharding needs ray.num_workers >= 1 (local mode has no process group)")
         if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) != ("bpr", "row_wise"):
@@ -57,7 +63,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def _validate_distill(cfg: ExperimentConfig) -> None:
     """The teacher artifacts a distillation method reads exist and fit the run (checked before Ray starts)."""
-    from rayrec.distill import NEEDS_CHECKPOINT, NEEDS_NEIGHBORS, NEEDS_RANKING
+    from rayrec.distill import needs
 
     dc = cfg.distill
     if dc.method == "none":
@@ -65,9 +71,8 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
     if cfg.model.sharding != "none":
         raise ConfigError("distillation trains a dense (DDP) student: set model.sharding=none "
                           "(the teacher's sharding is distill.teacher.sharding)")
-    uses_de = dc.method in NEEDS_CHECKPOINT and not (dc.method in ("de", "de_rrd") and dc.de.lambda_de == 0)
-    uses_lists = (dc.method in NEEDS_RANKING and not (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0)) \
-        or dc.method in NEEDS_NEIGHBORS
+    need = needs(dc)
+    uses_de, uses_lists = need.checkpoint, need.lists or need.neighbors
     if uses_de:
         if not dc.teacher.checkpoint:
             raise ConfigError(f"distill.method={dc.method} needs distill.teacher.checkpoint (train_teacher's output)")
@@ -90,11 +95,11 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
 
 def _ranking_for(cfg: ExperimentConfig) -> dict | None:
     """``{"path", "num_users", "num_items", "top_n"}`` of the ranking artifact the method reads, else None."""
-    from rayrec.distill import NEEDS_NEIGHBORS, NEEDS_RANKING
+    from rayrec.distill import needs
 
     dc = cfg.distill
-    lists = dc.method in NEEDS_RANKING and not (dc.method == "de_rrd" and dc.rrd.lambda_rrd == 0)
-    neighbors = dc.method in NEEDS_NEIGHBORS
+    need = needs(dc)
+    lists, neighbors = need.lists, need.neighbors
     if not (lists or neighbors):
         return None
     from rayrec.artifacts import read_manifest

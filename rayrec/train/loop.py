@@ -57,7 +57,7 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
     dc = cfg.distill
     if dc.method == "none":
         return None, None
-    from rayrec.distill import NEEDS_CHECKPOINT, build_method
+    from rayrec.distill import build_method, needs
 
     topn = topn_scores = neighbors = None
     if ranking is not None:
@@ -86,7 +86,7 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
                           train_csr=(evald.train.indptr.numpy(), evald.train.indices.numpy()), topn=topn,
                           topn_scores=topn_scores, neighbors=neighbors)
     teacher = None
-    if dc.method in NEEDS_CHECKPOINT and method.needs_teacher:
+    if needs(dc).checkpoint and method.needs_teacher:
         from rayrec.teacher.frozen import load_frozen_teacher
 
         teacher = load_frozen_teacher(dc.teacher.checkpoint, name=dc.teacher.name, num_users=pd.num_users,
@@ -176,6 +176,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
         t0 = time.perf_counter()
         if method is not None:  # per-epoch hooks: temperature, resampled lists (same on every rank)
             method.on_epoch_start(epoch, epoch_generator(tc.seed + 1, epoch, 0))
+            want = method.student_topk_request()
+            if want is not None:  # [distill] the current student's top-K for every user (SLD), all ranks together
+                from rayrec.train.student_rank import student_topk
+
+                method.set_student_topk(student_topk(model, pd.num_users, want[0], evald.train if want[1] else None,
+                                                     device))
         sums: dict[str, float] = {}
         rows, steps = 0, 0
         task.train()

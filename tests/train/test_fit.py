@@ -161,10 +161,14 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     assert d["metrics"]["test/H@10"] > 0.15
     ck = Path(d["checkpoint"])
     assert (ck / "model.pt").exists() and torch.load(ck / "model.pt").keys() == {"user_emb.weight", "item_emb.weight"}
-    # NKD: neighbour lists streamed from the artifact, teacher input vectors looked up for entities and neighbours
-    n = fit(_cfg(tmp_path, "model.dim=8", "distill.method=nkd", "distill.nkd.K=3", "train.max_epochs=1",
-                 "ray.num_workers=2", "eval.full=false", *teacher), prepared=prepared)
-    assert n["history"][0]["train/kd/nkd"] > 0 and n["num_parameters"] == (938 + 1447) * 8
+    # MKD = NKD + CPD + SLD: neighbour lists and top-N streamed from the artifact, one teacher lookup per step for
+    # all three, the student's top-K recomputed by both workers at every epoch start (SLD)
+    n = fit(_cfg(tmp_path, "model.dim=8", "distill.method=mkd", "distill.nkd.K=3", "distill.cpd.Q=5",
+                 "distill.cpd.mxK=50", "distill.sld.K=20", "train.max_epochs=1", "ray.num_workers=2", "eval.full=false",
+                 *teacher), prepared=prepared)
+    h0 = n["history"][0]
+    assert all(h0[f"train/kd/{t}"] > 0 for t in ("nkd", "cpd_fd", "cpd_list", "sld")), h0
+    assert 0 < h0["kd/cpd_incon"] < 1 and n["num_parameters"] == (938 + 1447) * 8
     # RRD alone needs no teacher lookups: it also runs in local mode
     r = fit(_cfg(tmp_path, "model.dim=8", "distill.method=rrd", "distill.rrd.interesting=top", "train.max_epochs=1",
                  "ray.num_workers=0", "eval.full=false", *teacher), prepared=prepared)

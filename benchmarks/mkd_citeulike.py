@@ -1,0 +1,135 @@
+"""MKD on CiteULike-t with the MKD protocol: teacher, student alone, NKD, CPD, SLD, MKD and the baselines.
+
+    RAYREC_DATA=../shared/data .venv/bin/python benchmarks/mkd_citeulike.py --models bpr lightgcn --seeds 0 1 2
+
+Protocol (``configs/protocol/mkd_citeulike_t.yaml``, ``../shared/docs/methods/mkd.md`` §2-3): users with >= 5
+items, per-user 80/10/10 in file order, full ranking over all items, Recall/NDCG@10/20 averaged over all users
+(no held-out item: 0), early stopping on valid NDCG@10 (patience 30), test metrics of the best epoch.
+Per base model the teacher (d = 200, the paper's "one tenth" claim -> student d = 20) is trained through the
+sharded path (2 Ray Train workers, row-wise TorchRec tables; ``--teacher-checkpoint`` reuses one), ranked once
+(top-500 per user, train items excluded, 5 user/item neighbours after PCA), then every method distills it into the
+d = 20 student for each seed. Rows ``<model>_teacher``, ``<model>_<method>`` with the mean over seeds
+(``metrics_std``), epoch time, best epochs. Written after every run (``extra.complete`` false until the last one),
+with a markdown table beside it. ``--smoke``: ML-100K, 1 epoch, 1 seed, tiny teacher, under ``results/smoke/``.
+The MKD paper gives no numbers (mkd.md §8.1); its claim is a student that beats its teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
+
+KEYS = ["full/Recall@10", "full/NDCG@10", "full/Recall@20", "full/NDCG@20"]
+METHODS = ["none", "nkd", "cpd", "sld", "mkd", "de_rrd", "htd", "unkd"]
+METHOD_FILES = {"none": [], "nkd": ["distill/nkd.yaml"], "cpd": ["distill/cpd.yaml"], "sld": ["distill/sld.yaml"],
+                "mkd": ["distill/mkd.yaml"], "de_rrd": ["distill/de_rrd.yaml"], "htd": ["distill/htd.yaml"],
+                "unkd": ["distill/unkd.yaml"]}
+DIMS = {"bpr": (200, 20), "lightgcn": (200, 20)}
+
+
+def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int, int]) -> dict:
+    ms = [{k: r["metrics"][k] for k in KEYS if k in r["metrics"]} for r in runs]
+    mean = {k: statistics.fmean(m[k] for m in ms) for k in ms[0]}
+    std = {k: (statistics.stdev(m[k] for m in ms) if len(ms) > 1 else 0.0) for k in ms[0]}
+    return {
+        "label": label, "dataset": "citeulike-t", "split": "mkd_80_10_10_file_order", "model": model,
+        "method": method, "dim": dims[1] if method != "teacher" else dims[0], "teacher_dim": dims[0],
+        "seeds": [r["config"]["train"]["seed"] for r in runs], "world_size": runs[0]["world_size"],
+        "metrics": mean, "metrics_std": std,
+        "timing": {"epoch_s": round(statistics.fmean(r["timing"]["epoch_train_s"] for r in runs), 3),
+                   "eval_s": round(statistics.fmean(r["timing"]["epoch_eval_s"] for r in runs), 3)},
+        "extra": {"num_parameters": runs[0]["num_parameters"], "best_epochs": [r["best_epoch"] for r in runs],
+                  "epochs_run": [r["epochs_run"] for r in runs], "per_seed": ms},
+    }
+
+
+def _markdown(rows: list[dict]) -> str:
+    head = ["row", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "vs teacher NDCG@20", "epoch s", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    teacher = {r["model"]: r["metrics"].get("full/NDCG@20") for r in rows if r["method"] == "teacher"}
+    for r in rows:
+        m, s = r["metrics"], r["metrics_std"]
+        cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
+        t = teacher.get(r["model"])
+        ratio = f"{m['full/NDCG@20'] / t:.3f}" if t and "full/NDCG@20" in m else ""
+        lines.append("| " + " | ".join([r["label"], *cell, ratio, f"{r['timing']['epoch_s']:.2f}",
+                                        str(len(r["seeds"]))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["bpr", "lightgcn"], choices=list(DIMS))
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
+    ap.add_argument("--out", default="mkd_citeulike", help="result name: benchmarks/results/<out>.json (+ .md)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
+    args = ap.parse_args(argv)
+    sha = commit()
+    from rayrec.teacher.rank import rank_teacher
+    from rayrec.train.fit import fit
+
+    out_path = RESULTS / "smoke" / f"{args.out}.json" if args.smoke else RESULTS / f"{args.out}.json"
+    protocol = CONFIG_DIR / "protocol/mkd_citeulike_t.yaml"
+    common = ["storage_root=runs/smoke", "train.max_epochs=1", "data.dataset=ml100k", "data.min_user_interactions=0",
+              "distill.cpd.mxK=50", "distill.sld.K=20", "distill.rrd.K=10", "distill.rrd.L=10"] if args.smoke else []
+    top_n = 50 if args.smoke else 500
+    rows: list[dict] = []
+    total = len(args.models) * len(args.methods) * len(args.seeds)
+    done = 0
+
+    def flush(complete: bool) -> None:
+        for r in rows:
+            r["extra"]["complete"] = complete
+        write_result(args.out, rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
+        out_path.with_suffix(".md").write_text(_markdown(rows))
+
+    for model in args.models:
+        t_dim, s_dim = DIMS[model] if not args.smoke else (16, 8)
+        teacher_files = [protocol, CONFIG_DIR / "teacher/sharded_row_wise.yaml"]
+        teacher_over = [f"name=mkd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}",
+                        *(["model.init_std=0.1"] if model == "lightgcn" else []), *common]
+        teacher_over = [o for o in teacher_over if not o.startswith("distill.")]
+        if args.teacher_checkpoint:
+            ckpt = args.teacher_checkpoint
+            t = json.loads((Path(ckpt) / "summary.json").read_text())
+        else:
+            t = fit(load_config(teacher_files, teacher_over))
+            ckpt = t["checkpoint"]
+        rows.append(_row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim)))
+        rows[-1]["extra"]["checkpoint"] = str(ckpt)
+        flush(False)
+        ranking = rank_teacher(load_config(teacher_files, [*teacher_over, f"rank.top_n={top_n}",
+                                                           "rank.user_neighbors=5", "rank.item_neighbors=5"]), ckpt)
+        teacher_ref = [f"distill.teacher.checkpoint={ckpt}", f"distill.teacher.ranking={ranking}",
+                       f"distill.teacher.name={model}", f"distill.teacher.dim={t_dim}"]
+        for method in args.methods:
+            runs = []
+            for seed in args.seeds:
+                done += 1
+                print(f"[bench] {model} {method} seed {seed} ({done}/{total})", flush=True)
+                files = [protocol, *(CONFIG_DIR / f for f in METHOD_FILES[method])]
+                over = [f"name=mkd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
+                        f"train.seed={seed}", *(["model.init_std=0.1"] if model == "lightgcn" else []),
+                        *(teacher_ref if method != "none" else []), *common, *args.overrides]
+                runs.append(fit(load_config(files, over)))
+            rows.append(_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim)))
+            flush(False)
+    flush(True)
+    print(_markdown(rows))
+    print(f"wrote {out_path}")
+    return out_path
+
+
+if __name__ == "__main__":
+    main()
