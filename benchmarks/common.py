@@ -77,3 +77,60 @@ def write_result(name: str, rows: list[dict], command: str, path: Path | None = 
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected: list[str], min_seeds: int = 3) -> Path:
+    """Merge the rows of every part file ``results/<name>_*.json`` (runs of one benchmark made by separate
+    commands, e.g. one seed or method per session) into ``results/<name>.json`` + ``.md``.
+
+    Rows with the same label are combined seed by seed from their ``extra.per_seed`` metrics (a seed measured in
+    several parts: the newest part wins); ``metrics``/``metrics_std`` are recomputed over the seeds, timings
+    averaged weighted by seeds. ``parts`` lists every part with its command and commit, so each number still
+    points at the command that measured it. Rows follow ``expected`` (labels); ``missing`` names the expected rows
+    absent or with fewer than ``min_seeds`` seeds (the teacher: one; ``extra.complete`` per row)."""
+    import statistics
+
+    parts = sorted(p for p in RESULTS.glob(f"{name}_*.json"))
+    docs = sorted((json.loads(p.read_text()) | {"_file": p.name} for p in parts), key=lambda d: d["created"])
+    merged: dict[str, dict] = {}
+    for d in docs:
+        for r in d["rows"]:
+            m = merged.setdefault(r["label"], {"row": r, "seeds": {}, "timing": {}, "extra": {}})
+            per_seed = r["extra"].get("per_seed") or [r["metrics"]]
+            for i, (seed, ms) in enumerate(zip(r["seeds"], per_seed)):
+                best = r["extra"].get("best_epochs", [None] * len(r["seeds"]))[i]
+                m["seeds"][seed] = {"metrics": ms, "timing": r["timing"], "best_epoch": best, "part": d["_file"]}
+            m["row"] = r  # newest row's descriptive fields
+    rows = []
+    for label, m in merged.items():
+        seeds = sorted(m["seeds"])
+        runs = [m["seeds"][s] for s in seeds]
+        ks = [k for k in keys if all(k in run["metrics"] for run in runs)]
+        row = dict(m["row"])
+        row["seeds"] = seeds
+        row["metrics"] = {k: statistics.fmean(run["metrics"][k] for run in runs) for k in ks}
+        row["metrics_std"] = {k: (statistics.stdev(run["metrics"][k] for run in runs) if len(runs) > 1 else 0.0)
+                              for k in ks}
+        row["timing"] = {t: round(statistics.fmean(run["timing"][t] for run in runs if t in run["timing"]), 3)
+                         for t in runs[0]["timing"]}
+        row["extra"] = {**m["row"]["extra"], "per_seed": [run["metrics"] for run in runs],
+                        "best_epochs": [run["best_epoch"] for run in runs],
+                        "parts_of_seeds": [run["part"] for run in runs], "complete": len(seeds) >= (1 if label.endswith("_teacher") else min_seeds)}
+        row["extra"].pop("epochs_run", None)
+        rows.append(row)
+    rank = {label: i for i, label in enumerate(expected)}
+    rows.sort(key=lambda r: rank.get(r["label"], len(rank)))
+    out = write_result(name, rows, command=command, commit_sha=commit())
+    doc = json.loads(out.read_text())
+    have = {r["label"]: len(r["seeds"]) for r in rows}
+    need = {label: 1 if label.endswith("_teacher") else min_seeds for label in expected}  # one teacher for all
+    doc["missing"] = [f"{label} ({have.get(label, 0)}/{need[label]} seeds)" for label in expected
+                      if have.get(label, 0) < need[label]]
+    doc["parts"] = [{"file": d["_file"], "command": d["command"], "commit": d["commit"], "created": d["created"]}
+                    for d in docs]
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows) + "\nParts (each with the command that measured it):\n\n" +
+                                      "".join(f"- `{d['_file']}`: `{d['command']}`\n" for d in docs) +
+                                      (f"\nMissing or short of seeds: {', '.join(doc['missing'])}\n"
+                                       if doc["missing"] else ""))
+    return out

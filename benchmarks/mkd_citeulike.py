@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import RESULTS, aggregate_parts, command_line, commit, write_result  # noqa: E402
 from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
 
 KEYS = ["full/Recall@10", "full/NDCG@10", "full/Recall@20", "full/NDCG@20"]
@@ -71,11 +71,24 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
-    ap.add_argument("--out", default="mkd_citeulike", help="result name: benchmarks/results/<out>.json (+ .md)")
+    ap.add_argument("--out", default=None, help="part name: benchmarks/results/<out>.json (+ .md); default "
+                    "mkd_citeulike_<models>_<methods>_s<seeds> (merge the parts with --aggregate)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--aggregate", action="store_true",
+                    help="run nothing: merge every part file results/<name>_*.json into results/<name>.json")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
     args = ap.parse_args(argv)
+    if args.aggregate:
+        out = aggregate_parts("mkd_citeulike", KEYS, _markdown, command_line(__file__, argv),
+                              [f"{m}_{x}" for m in ("bpr", "lightgcn") for x in ["teacher", *METHODS]])
+        print(out.with_suffix(".md").read_text())
+        return out
     sha = commit()
+    if args.out is None:
+        args.out = "mkd_citeulike" if args.smoke else "_".join(
+            ["mkd_citeulike", "-".join(args.models), "-".join(args.methods), "s" + "-".join(map(str, args.seeds))])
+    if args.out == "mkd_citeulike" and not args.smoke:
+        raise SystemExit("--out mkd_citeulike is the aggregate of the parts (--aggregate); name the part differently")
     from rayrec.teacher.rank import rank_teacher
     from rayrec.train.fit import fit
 

@@ -177,9 +177,10 @@ class TeacherRef:
 
     checkpoint: str | None = None  # sharded teacher checkpoint (DE: representations looked up every step)
     ranking: str | None = None  # rank_teacher's output directory (RD, CD, RRD: the teacher's top-N lists)
-    name: Literal["bpr", "neumf"] = "bpr"
+    name: Literal["bpr", "neumf", "lightgcn"] = "bpr"
     dim: int = 200
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel"] = "row_wise"
+    layers: int = 3  # a LightGCN teacher's propagation steps (as trained; checked against its summary.json)
 
 
 @dataclass

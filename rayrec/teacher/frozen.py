@@ -72,13 +72,15 @@ class FrozenTeacher(nn.Module):
 
 
 def load_frozen_teacher(checkpoint: str | Path, *, name: str, num_users: int, num_items: int, dim: int,
-                        sharding_type: str = "row_wise", device: torch.device | None = None) -> FrozenTeacher:
-    """Load a sharded teacher checkpoint (a Ray Train checkpoint directory holding ``model/``) frozen (collective)."""
+                        sharding_type: str = "row_wise", device: torch.device | None = None, layers: int = 3,
+                        graph: tuple | None = None) -> FrozenTeacher:
+    """Load a sharded teacher checkpoint (a Ray Train checkpoint directory holding ``model/``) frozen (collective).
+    A LightGCN teacher also needs its train ``graph`` ``(users, items)`` and ``layers``."""
     from rayrec.train.task import TrainTask
 
     ckpt = Path(checkpoint)
     shards = ckpt / "model" if (ckpt / "model" / ".metadata").exists() else ckpt
-    model = build_model(name, num_users, num_items, dim, sharded=True)
+    model = build_model(name, num_users, num_items, dim, sharded=True, layers=layers, graph=graph)
     # same module tree as in training (TrainTask -> model) so the checkpoint keys match
     dmp = shard_model(TrainTask(model), sharding_type=sharding_type, optimizer="exact_sgd", lr=0.0, device=device)
     load_sharded(dmp, shards)

@@ -40,15 +40,13 @@ def validate(cfg: ExperimentConfig) -> None:
             if cfg.model.sharding not in ("row_wise", "table_wise"):
                 raise ConfigError(f"a sharded LightGCN propagates over row blocks: model.sharding=row_wise or "
                                   f"table_wise, not {cfg.model.sharding}")
-            if cfg.eval.full or cfg.eval.full_each_epoch:
-                raise ConfigError("full ranking of a sharded LightGCN inside training is not implemented (it would "
-                                  "rank the ID embeddings, not the propagated ones); set eval.full=false and "
-                                  "eval.full_each_epoch=false, and rank the trained teacher with rank_teacher")
         if cfg.ray.num_workers == 0:
             raise ConfigError("model.sharding needs ray.num_workers >= 1 (local mode has no process group)")
-        if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) != ("bpr", "row_wise"):
-            raise ConfigError("full ranking of a sharded model is implemented for bpr with model.sharding=row_wise; "
-                              "set eval.full=false (and eval.full_each_epoch=false) for this model")
+        if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) not in (
+                ("bpr", "row_wise"), ("lightgcn", "row_wise"), ("lightgcn", "table_wise")):
+            raise ConfigError("full ranking of a sharded model is implemented for bpr with model.sharding=row_wise and "
+                              "lightgcn (row_wise, table_wise); set eval.full=false (and eval.full_each_epoch=false) "
+                              "for this model")
         if cfg.model.dim % 4 and cfg.model.sharding != "data_parallel":
             raise ConfigError(f"model.dim={cfg.model.dim}: fbgemm's fused embedding kernels need a multiple of 4 for "
                               f"sharded tables (e.g. {cfg.model.dim // 4 * 4} or {cfg.model.dim // 4 * 4 + 4})")
@@ -81,6 +79,12 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
         _teacher_model_files(Path(dc.teacher.checkpoint))
         if cfg.ray.num_workers == 0:
             raise ConfigError(f"distill.method={dc.method} loads the sharded teacher: needs ray.num_workers >= 1")
+        summary = Path(dc.teacher.checkpoint) / "summary.json"
+        if dc.teacher.name == "lightgcn" and summary.exists():
+            trained = json.loads(summary.read_text()).get("config", {}).get("model", {}).get("layers")
+            if trained is not None and trained != dc.teacher.layers:
+                raise ConfigError(f"distill.teacher.layers={dc.teacher.layers} but the LightGCN teacher in "
+                                  f"{dc.teacher.checkpoint} was trained with {trained} layers")
         if dc.teacher.name != cfg.model.name:
             raise ConfigError(f"{dc.method} needs the same base model for teacher and student: distill.teacher.name="
                               f"{dc.teacher.name}, model.name={cfg.model.name}")

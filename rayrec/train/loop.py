@@ -91,7 +91,7 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
 
         teacher = load_frozen_teacher(dc.teacher.checkpoint, name=dc.teacher.name, num_users=pd.num_users,
                                       num_items=pd.num_items, dim=dc.teacher.dim, sharding_type=dc.teacher.sharding,
-                                      device=device)
+                                      device=device, layers=dc.teacher.layers, graph=(pd.train_user, pd.train_item))
     n = sum(p.numel() for p in method.parameters())
     _log(rank, f"[distill] {dc.method}: {n:,} training-only parameters"
                f"{'; teacher ' + dc.teacher.name + ' d=' + str(dc.teacher.dim) + ' ' + dc.teacher.sharding if teacher else ''}")
@@ -166,6 +166,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, tc.batch_size // max(world, 1))
     row_shard = weights.item_row_shard() if sharded else None
+
+    def eval_shard():
+        """The item rows this rank ranks in distributed full evaluation: the table's row block (BPR) or, for a
+        sharded LightGCN, its propagated item block, recomputed from the current weights (collective)."""
+        if not sharded or not hasattr(model, "propagated_blocks"):
+            return row_shard
+        from rayrec.eval.evaluate import RowShard
+
+        model.eval()
+        model.clear_cache()
+        with torch.no_grad():
+            _, (items, offset) = model.propagated_blocks()
+        return RowShard(items, offset)
     _log(rank, f"[train] {cfg.model.name} d={cfg.model.dim} params={weights.num_parameters():,} "
                f"{'sharded ' + cfg.model.sharding + ' ' if sharded else ''}"
                f"workers={world} batch/worker={per_worker_batch} threads/worker={threads}")
@@ -218,7 +231,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         rows, steps = totals[-2], totals[-1]
         term_sums = dict(zip(names, totals[:-2]))
         metrics = evaluate(model, evald, "valid", ec, sampled=ec.sampled, full=ec.full_each_epoch, device=device,
-                           shard=row_shard, lockstep=sharded)
+                           shard=eval_shard() if ec.full_each_epoch else row_shard, lockstep=sharded)
         eval_s = time.perf_counter() - t0 - train_s
         metrics.update({
             "epoch": epoch,
@@ -260,8 +273,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if best_weights is not None:
         weights.restore(best_weights)
     final = {}
+    shard = eval_shard() if ec.full else row_shard  # after the restore: a LightGCN propagates the best weights
     for split in ("valid", "test"):
-        final.update(evaluate(model, evald, split, ec, device=device, shard=row_shard, lockstep=sharded))
+        final.update(evaluate(model, evald, split, ec, device=device, shard=shard, lockstep=sharded))
     summary = {
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],

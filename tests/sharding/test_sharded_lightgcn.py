@@ -114,6 +114,13 @@ def _worker(rank, world, port, sharding_type, out):
             (m.base_loss(u, p, n) * world).backward()
         res[f"step{step}_calls"] = rec.calls
         res[f"step{step}"] = dense_state_dict(dmp)
+    if sharding_type == "table_wise":  # replicated tables have no row blocks: refused, on every rank alike
+        other = build_model("lightgcn", U, I, D, sharded=True, layers=L, graph=_graph())
+        dp = shard_model(other, sharding_type="data_parallel", optimizer="exact_sgd", lr=0.0)
+        try:
+            dp.module.score(users, items)
+        except ValueError as e:
+            res["dp_error"] = str(e)
     torch.save(res, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -167,6 +174,9 @@ def test_sharded_lightgcn_equals_dense(tmp_path, free_port, sharding_type):
         for step in (0, 1):
             assert all(name == "all_to_all_single" or not shapes for name, shapes in g[f"step{step}_calls"])
 
+    if sharding_type == "table_wise":
+        assert all("contiguous row blocks" in g["dp_error"] for g in got)
+
     # (b) the fused SGD steps equal dense SGD on the sum of both ranks' batch losses
     opt = torch.optim.SGD(dense.parameters(), lr=LR)
     for step in (0, 1):
@@ -193,3 +203,21 @@ def test_single_process_equals_dense_and_refuses_without_graph():
     bare = ShardedLightGCN(U, I, D, layers=L, device="cpu")
     with pytest.raises(RuntimeError, match="no train graph"):
         bare.score(users, neg)
+
+
+def test_config_accepts_row_blocks_only(tmp_path):
+    from rayrec.config import CONFIG_DIR, load_config
+    from rayrec.errors import ConfigError
+    from rayrec.train.fit import validate
+
+    def cfg(*o):
+        return load_config([CONFIG_DIR / "data/ml100k.yaml", CONFIG_DIR / "model/bpr_d20.yaml"],
+                           [f"storage_root={tmp_path}", "name=t", "model.name=lightgcn", "model.dim=8", *o])
+
+    validate(cfg("model.sharding=row_wise", "eval.full=false"))
+    validate(cfg("model.sharding=table_wise", "eval.full=false"))
+    with pytest.raises(ConfigError, match="row blocks"):
+        validate(cfg("model.sharding=column_wise", "eval.full=false"))
+    validate(cfg("model.sharding=row_wise"))  # full ranking over the propagated item blocks
+    with pytest.raises(ConfigError, match="full ranking of a sharded model"):
+        validate(cfg("model.sharding=table_wise", "model.name=neumf"))

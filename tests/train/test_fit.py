@@ -182,6 +182,34 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     assert r["metrics"]["test/H@10"] > 0.2
 
 
+def test_sharded_lightgcn_teacher_evaluates_ranks_and_teaches(ray_session, prepared, tmp_path):
+    # a LightGCN teacher with row-wise sharded tables: propagation over row blocks, full ranking every epoch over
+    # the propagated item blocks, then ranked and distilled (the frozen teacher propagates over the same graph)
+    lg = ["model.name=lightgcn", "model.dim=8", "model.layers=2", "model.init_std=0.1"]
+    cfg = _cfg(tmp_path, *lg, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0",
+               "train.max_epochs=2", "ray.num_workers=2", "eval.full_each_epoch=true",
+               "train.monitor=full_valid/Recall@10")
+    s = fit(cfg, prepared=prepared)
+    h = s["history"]
+    assert 0 < h[0]["full_valid/Recall@10"] <= 1 and h[1]["full_valid/Recall@10"] != h[0]["full_valid/Recall@10"]
+    assert 0 < s["metrics"]["full/Recall@10"] <= 1 and s["metrics"]["test/H@10"] > 0.12  # random: 0.10
+    from rayrec.teacher.rank import load_ranking, rank_teacher
+
+    out = rank_teacher(_cfg(tmp_path, *lg, "model.sharding=row_wise", "ray.num_workers=2", "rank.top_n=30",
+                            "rank.user_neighbors=3", "rank.item_neighbors=3", "rank.neighbor_pca=0"), s["checkpoint"],
+                       prepared=prepared)
+    rk = load_ranking(out)
+    assert rk.items.shape == (938, 30) and (np.diff(rk.scores, axis=1) <= 1e-6).all()
+    teacher = [f"distill.teacher.checkpoint={s['checkpoint']}", f"distill.teacher.ranking={out}",
+               "distill.teacher.name=lightgcn", "distill.teacher.dim=8", "distill.teacher.layers=2"]
+    with pytest.raises(ConfigError, match="trained with 2 layers"):
+        validate(_cfg(tmp_path, *lg, "distill.method=sld", *teacher[:-1], "distill.teacher.layers=3"))
+    d = fit(_cfg(tmp_path, *lg, "model.dim=4", "distill.method=mkd", "distill.nkd.K=3", "distill.cpd.Q=5",
+                 "distill.cpd.mxK=30", "distill.sld.K=10", "train.max_epochs=1", "ray.num_workers=2",
+                 "eval.full=false", *teacher), prepared=prepared)
+    assert all(d["history"][0][f"train/kd/{t}"] > 0 for t in ("nkd", "cpd_fd", "sld"))
+
+
 def test_sharded_needs_workers(tmp_path):
     with pytest.raises(ConfigError, match="num_workers >= 1"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "ray.num_workers=0"))
@@ -189,8 +217,8 @@ def test_sharded_needs_workers(tmp_path):
         validate(_cfg(tmp_path, "model.sharding=table_wise"))
     with pytest.raises(ConfigError, match="CUDA"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=adam"))
-    with pytest.raises(ConfigError, match="sharded LightGCN"):
-        validate(_cfg(tmp_path, "model.sharding=row_wise", "model.name=lightgcn"))
+    with pytest.raises(ConfigError, match="row blocks"):
+        validate(_cfg(tmp_path, "model.sharding=column_wise", "model.name=lightgcn"))
     with pytest.raises(ConfigError, match="multiple of 4"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.name=neumf", "model.dim=250", "eval.full=false"))
     with pytest.raises(ConfigError, match="no weight decay"):
