@@ -59,12 +59,15 @@ class LightGCN(Recommender):
         nn.init.normal_(self.item_emb.weight, 0.0, init_std)
         if train_users is None:
             train_users = train_items = np.zeros(0, dtype=np.int64)
-        self.register_buffer("adj", normalized_adjacency(train_users, train_items, num_users, num_items),
-                             persistent=False)
+        # a plain attribute, not a buffer: DDP broadcasts buffers and cannot broadcast sparse tensors; the graph
+        # is the same fixed input on every rank and follows the tables' device in propagate()
+        self.adj = normalized_adjacency(train_users, train_items, num_users, num_items)
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         """Layer-mean representations ``([U, D], [I, D])``."""
         e = torch.cat([self.user_emb.weight, self.item_emb.weight])  # [U + I, D]
+        if self.adj.device != e.device:
+            self.adj = self.adj.to(e.device)
         acc = e
         for _ in range(self.layers):
             e = torch.sparse.mm(self.adj, e)

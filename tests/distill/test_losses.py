@@ -233,3 +233,24 @@ def test_de_rrd_parts_switch_off_by_their_weight():
     m = build_method(cfg.distill, student_name="bpr", student_dim=4, num_items=9, train_csr=csr, topn=topn)
     assert m.de is None and m.rrd is not None and not m.needs_teacher
     assert sum(p.numel() for p in m.parameters()) == 0  # no experts built into the optimiser when DE is off
+
+
+def test_de_sparse_mixture_matches_all_experts_when_the_selection_is_nearly_one_hot():
+    from rayrec.distill.de import ExpertMLPs
+
+    torch.manual_seed(0)
+    ex = ExpertMLPs(6, 4, 10)
+    h = torch.randn(50, 4, requires_grad=True)
+    logits = torch.randn(50, 6, requires_grad=True)
+    s = torch.softmax(logits / 0.01, dim=-1)  # late in the annealing: one-hot up to tiny weights
+    assert int((s >= 1e-6).sum()) <= 50 * 6 // 3  # the sparse path is taken
+    dense = ex.mixture(h, s)
+    sparse = ex.mixture(h, s, skip_below=1e-6)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    g_dense = torch.autograd.grad(dense.square().sum(), [h, logits, ex.w1, ex.w2], retain_graph=True)
+    g_sparse = torch.autograd.grad(sparse.square().sum(), [h, logits, ex.w1, ex.w2])
+    for a, b in zip(g_sparse, g_dense):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # a soft selection keeps the dense path (every expert counts)
+    soft = torch.softmax(torch.randn(50, 6), dim=-1)
+    torch.testing.assert_close(ex.mixture(h, soft, skip_below=1e-6), ex.mixture(h, soft))
