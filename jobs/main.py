@@ -1,35 +1,32 @@
-"""The main job: prepare CiteULike-t, train a BPR student alone through Ray Train, evaluate, print the table.
+"""The main job: the whole pipeline on the default local Ray (or the cluster in RAY_ADDRESS), then where the
+report is. Prepare the data, train the sharded teacher, rank it, distill the students, compare them.
 
-    RAYREC_DATA=../shared/data .venv/bin/python jobs/main.py --config configs/experiments/citeulike__bpr_demo.yaml
-    ray job submit --working-dir . -- python jobs/main.py --config configs/experiments/citeulike__bpr_demo.yaml
+    RAYREC_DATA=../shared/data .venv/bin/python jobs/main.py --config configs/pipelines/citeulike_demo.yaml
+    ray job submit --working-dir . -- python jobs/main.py --config configs/pipelines/citeulike_demo.yaml
 
-Dotted overrides follow the config files, e.g. ``train.max_epochs=3 ray.num_workers=1``.
+Dotted overrides after the file go to every stage, e.g. ``train.max_epochs=2 storage_root=/tmp/rr``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from rayrec.cli import run_job  # noqa: E402
-from rayrec.config import parse_cli  # noqa: E402
-from rayrec.report import default_metric_keys, metrics_table  # noqa: E402
-from rayrec.train.fit import fit  # noqa: E402
+from rayrec.pipeline import load_pipeline, run_pipeline  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_cli(argv, description=__doc__)
-    summary = fit(cfg)
-    label = f"{cfg.model.name}_d{cfg.model.dim} (student alone)"
-    m = summary["metrics"]
-    print()
-    print(f"Test metrics at the best validation epoch ({summary['monitor']} = {summary['best_monitor']:.4f}, "
-          f"epoch {summary['best_epoch']} of {summary['epochs_run']}):")
-    print(metrics_table({label: m}, default_metric_keys(m)))
-    print(f"\nrun directory: {summary['run_dir']}")
-    return summary
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="a pipeline file (configs/pipelines/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every stage (key=value)")
+    args = ap.parse_args(argv)
+    out = run_pipeline(load_pipeline(args.config, args.overrides))
+    print(f"\nreport: {out / 'compare.md'} (chart: compare.png, artifacts: pipeline.json)")
+    return out
 
 
 if __name__ == "__main__":

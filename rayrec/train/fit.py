@@ -128,8 +128,10 @@ def fit(
     prepared: Path | None = None,
     resume_from: str | None = None,
     progress: Callable[[str], None] = print,
+    callbacks: list | None = None,
 ) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` through Ray Train; return rank 0's summary (also in ``summary.json``)."""
+    """Train ``cfg.model`` on ``cfg.data`` through Ray Train; return rank 0's summary (also in ``summary.json``).
+    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` when a Tune trial runs this fit)."""
     validate(cfg)
     from rayrec.data.prepared import prepare
 
@@ -197,6 +199,7 @@ def fit(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own per-epoch lines are the progress
             # print() in workers goes straight to the driver (Ray's print patch would log every line twice)
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         **({"dataset_config": data_config} if data_config is not None else {}),

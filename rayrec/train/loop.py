@@ -292,12 +292,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
         },
         "history": state["history"],
         "config": cfg.to_dict(),
+        "prepared": str(config["prepared"]),
     }
     with tempfile.TemporaryDirectory() as d:
         weights.save(d, rank, None)  # the best epoch's weights (restored above) as the final model
         if rank == 0:
             Path(d, "summary.json").write_text(json.dumps(summary, indent=1))
-        final_metrics = {**{f"final/{k}": v for k, v in final.items()}, "epoch": state["epoch"], "final": 1}
+        final_metrics = {**{f"final/{k}": v for k, v in final.items()}, "epoch": state["epoch"], "final": 1,
+                         tc.monitor: final.get(tc.monitor, state["best"])}  # Tune: every report has the metric
         writes = rank == 0 or sharded
         ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
     return summary if rank == 0 else None

@@ -8,18 +8,28 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs/experiments/citeulike__bpr_demo.yaml")
+DEMO = str(REPO / "configs/pipelines/citeulike_demo.yaml")
 
 
 @pytest.mark.ray
-def test_main_job_prints_teacherless_table(ray_session, tmp_path, capsys):
+def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, tmp_path, capsys):
+    import json
+
     from jobs.main import main
 
-    s = main(["--config", DEMO, "train.max_epochs=1", f"storage_root={tmp_path}"])
-    out = capsys.readouterr().out
-    assert "| bpr_d20 (student alone)" in out and "test/H@5" in out and "full/Recall@20" in out
-    assert s["metrics"]["test/H@5"] > 0.05  # 1 epoch of BPR already beats random (5/500 = 0.01)
-    assert (tmp_path / "prepared").is_dir() and Path(s["run_dir"], "summary.json").exists()
+    out = main(["--config", DEMO, "train.max_epochs=1", f"storage_root={tmp_path}"])
+    printed = capsys.readouterr().out
+    assert out == tmp_path / "pipelines" / "citeulike_demo" and f"report: {out / 'compare.md'}" in printed
+    md = (out / "compare.md").read_text()
+    for label in ("bpr_teacher", "bpr_none", "bpr_de_rrd", "bpr_mkd"):
+        assert f"| {label} " in md, md
+    rows = json.loads((out / "compare.json").read_text())
+    assert rows["bpr_teacher"]["num_parameters"] == 10 * rows["bpr_none"]["num_parameters"]  # d=200 vs d=20
+    assert rows["bpr_mkd"]["size_ratio"] == pytest.approx(0.1)  # projectors and experts are not exported
+    assert all(r["test/H@5"] > 0.02 for r in rows.values())  # 1 epoch already beats random (5/500 = 0.01)
+    assert rows["bpr_none"]["top20_p50_ms"] > 0 and (out / "compare.png").stat().st_size > 1000
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert Path(manifest["ranking"], "manifest.json").exists() and Path(manifest["teacher_checkpoint"]).is_dir()
 
 
 def test_bad_config_fails_in_one_line_before_ray(tmp_path):
@@ -30,6 +40,6 @@ def test_bad_config_fails_in_one_line_before_ray(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [p.stderr.strip()]  # exactly one line
-    assert "train.lrr" in p.stderr and p.stderr.startswith("error: unknown config key")
+    assert "train.lrr" in p.stderr and p.stderr.startswith("error: unknown config key"), p.stderr
     assert not (tmp_path / "prepared").exists()  # nothing was done
     assert time.perf_counter() - t0 < 60

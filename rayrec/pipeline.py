@@ -1,0 +1,131 @@
+"""The whole distillation pipeline in one call: prepare -> sharded teacher -> rank -> students -> compare report.
+
+A pipeline file (``configs/pipelines/*.yaml``, typed by :class:`PipelineConfig`, unknown keys rejected) names the
+experiment config layers of each stage; every stage is an ordinary :func:`rayrec.train.fit.fit` /
+:func:`rayrec.teacher.rank.rank_teacher` run on the same prepared data, and each stage reads the previous stage's
+artifact by the path the previous stage recorded (the prepared data's manifest, the teacher's ``summary.json``
+checkpoint, the ranking's manifest). ``pipeline.json`` under ``<storage_root>/pipelines/<name>/`` records every
+artifact path and is written last, beside the compare report (:func:`rayrec.report.compare_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from rayrec.config import CONFIG_DIR, ExperimentConfig, build, load_config, resolve_storage_root
+from rayrec.errors import ConfigError
+
+
+@dataclass
+class StageSpec:
+    """Config layers of one stage: files (relative to ``configs/``, ``.yaml`` optional) then dotted overrides."""
+
+    files: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudentSpec(StageSpec):
+    label: str = ""  # the row name in the report, e.g. bpr_de_rrd
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    storage_root: str = "runs"
+    base: list[str] = field(default_factory=list)  # config files under every stage (data, protocol)
+    overrides: list[str] = field(default_factory=list)  # dotted overrides for every stage (e.g. ray.*)
+    teacher: StageSpec = field(default_factory=StageSpec)
+    rank: StageSpec = field(default_factory=StageSpec)
+    student: StageSpec = field(default_factory=StageSpec)  # layers shared by every student (size, budget)
+    students: list[StudentSpec] = field(default_factory=list)
+    latency_users: int = 64  # batch of users for the compare report's top-20 latency
+    cli_overrides: list[str] = field(default_factory=list, init=False)  # command-line overrides: applied last
+
+    def __post_init__(self) -> None:
+        if not self.students:
+            raise ConfigError("pipeline.students: name at least one student (e.g. label: bpr_none)")
+        labels = [s.label for s in self.students]
+        if any(not label for label in labels) or len(set(labels)) != len(labels):
+            raise ConfigError(f"pipeline.students need distinct non-empty labels, got {labels}")
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML; ``overrides`` (dotted, e.g. ``ray.num_workers=1``) go to every stage."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"pipeline file not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict) or "students" not in raw:
+        raise ConfigError(f"{p} is not a pipeline file (no 'students:'); pipelines live in configs/pipelines/")
+    cfg = build(PipelineConfig, raw, prefix="pipeline")
+    cfg.cli_overrides = list(overrides or [])
+    return cfg
+
+
+def _files(names: list[str]) -> list[Path]:
+    out = []
+    for n in names:
+        f = CONFIG_DIR / (n if n.endswith(".yaml") else n + ".yaml")
+        if not f.exists():
+            raise ConfigError(f"config file not found: {f}")
+        out.append(f)
+    return out
+
+
+def stage_config(pc: PipelineConfig, *specs: StageSpec, extra: list[str] | None = None) -> ExperimentConfig:
+    files = _files([*pc.base, *(f for s in specs for f in s.files)])
+    over = [f"storage_root={pc.storage_root}", *pc.overrides, *(o for s in specs for o in s.overrides),
+            *pc.cli_overrides, *(extra or [])]
+    return load_config(files, over)
+
+
+def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print) -> Path:
+    """Run every stage; return the report directory (``compare.md``, ``compare.png``, ``pipeline.json``)."""
+    from rayrec.data.prepared import prepare
+    from rayrec.report import compare_report
+    from rayrec.teacher.rank import rank_teacher
+    from rayrec.train.fit import fit, prepared_root, validate
+
+    t0 = time.perf_counter()
+    t_cfg = stage_config(pc, pc.teacher, extra=[f"name={pc.name}_teacher"])
+    r_cfg = stage_config(pc, pc.teacher, pc.rank, extra=[f"name={pc.name}_teacher"])
+    s_cfgs = {s.label: stage_config(pc, pc.student, s, extra=[f"name={pc.name}_{s.label}"]) for s in pc.students}
+    validate(t_cfg)  # every stage's config is checked before any work (the teacher's artifacts come later)
+    for label, c in s_cfgs.items():
+        validate(stage_config(pc, pc.student, next(s for s in pc.students if s.label == label),
+                              extra=["distill.method=none"]))
+    if t_cfg.model.sharding == "none":
+        raise ConfigError("pipeline.teacher: the teacher trains sharded (layer teacher/sharded_row_wise)")
+    out = resolve_storage_root(t_cfg) / "pipelines" / pc.name
+    progress(f"[pipeline] {pc.name}: prepare -> teacher {t_cfg.model.name} d={t_cfg.model.dim} (sharded "
+             f"{t_cfg.model.sharding}) -> rank -> {len(s_cfgs)} students ({', '.join(s_cfgs)}) -> {out}")
+
+    prepared = prepare(t_cfg.data, prepared_root(t_cfg), progress=progress)
+    teacher = fit(t_cfg, prepared=prepared, progress=progress)
+    ranking = rank_teacher(r_cfg, teacher["checkpoint"], prepared=prepared, progress=progress)
+    ref = [f"distill.teacher.checkpoint={teacher['checkpoint']}", f"distill.teacher.ranking={ranking}",
+           f"distill.teacher.name={t_cfg.model.name}", f"distill.teacher.dim={t_cfg.model.dim}",
+           f"distill.teacher.sharding={t_cfg.model.sharding}", f"distill.teacher.layers={t_cfg.model.layers}"]
+    summaries = {f"{t_cfg.model.name}_teacher": teacher}
+    for s in pc.students:
+        cfg = s_cfgs[s.label]
+        if cfg.distill.method != "none":
+            cfg = stage_config(pc, pc.student, s, extra=[f"name={pc.name}_{s.label}", *ref])
+        progress(f"[pipeline] student {s.label}: {cfg.model.name} d={cfg.model.dim}, distill.method="
+                 f"{cfg.distill.method}")
+        summaries[s.label] = fit(cfg, prepared=prepared, progress=progress)
+    report = compare_report(summaries, out, latency_users=pc.latency_users, progress=progress)
+    manifest = {
+        "name": pc.name, "prepared": str(prepared), "teacher_checkpoint": str(teacher["checkpoint"]),
+        "ranking": str(ranking), "students": {k: v.get("checkpoint") for k, v in summaries.items()},
+        "report": str(report), "total_s": round(time.perf_counter() - t0, 1),
+    }
+    (out / "pipeline.json").write_text(json.dumps(manifest, indent=1))
+    return out

@@ -1,0 +1,180 @@
+"""Serving: top-K modules for trained models, the exported student, and latency measurement.
+
+:class:`TopK` wraps what serving needs and nothing else: for dot-product models (BPR-MF, LightGCN with its
+propagated representations frozen at export time) the user and item matrices ``[U, D]``, ``[I, D]``; for NeuMF its
+four tables and MLP. ``forward(users [B]) -> (scores [B, K], items [B, K])`` ranks every item. Training-only parts
+(DE experts, projectors, selection networks) live in the method's ``method.pt`` and are never loaded here.
+
+:func:`export_student` writes a servable artifact: ``student.pt2`` (``torch.export``; TorchScript ``student.ts``
+where export fails), ``id_map.parquet`` files (internal id -> raw id of the prepared data) and a manifest with
+checksums written last (:mod:`rayrec.artifacts`). :func:`load_exported` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rayrec.artifacts import commit_dir, read_manifest, temp_dir_for
+from rayrec.errors import ArtifactError
+
+KIND = "exported_student"
+RERUN = "jobs/export.py --checkpoint <student run checkpoint>"
+
+
+class TopK(nn.Module):
+    """Top-``k`` items of every user in a batch, over all items (no training state)."""
+
+    def __init__(self, kind: str, tensors: dict[str, Tensor], k: int = 20) -> None:
+        super().__init__()
+        self.kind, self.k = kind, k
+        if kind == "dot":
+            self.register_buffer("users_m", tensors["user"].detach().clone().contiguous())  # [U, D]
+            self.register_buffer("items_t", tensors["item"].detach().t().contiguous())  # [D, I]
+        elif kind == "neumf":
+            for name in ("gmf_user", "gmf_item", "mlp_user", "mlp_item", "mlp_w", "mlp_b", "pred_w", "pred_b"):
+                self.register_buffer(name, tensors[name].detach().clone().contiguous())
+        else:
+            raise ValueError(f"unknown serving kind {kind!r}")
+
+    def scores(self, users: Tensor) -> Tensor:
+        if self.kind == "dot":
+            return self.users_m[users] @ self.items_t  # [B, I]
+        B, I = users.shape[0], self.gmf_item.shape[0]
+        gmf = self.gmf_user[users].unsqueeze(1) * self.gmf_item.unsqueeze(0)  # [B, I, D]
+        x = torch.cat([self.mlp_user[users].unsqueeze(1).expand(B, I, -1),
+                       self.mlp_item.unsqueeze(0).expand(B, I, -1)], dim=-1)  # [B, I, 2D]
+        h = torch.relu(x @ self.mlp_w.t() + self.mlp_b)  # [B, I, D]
+        return (torch.cat([gmf, h], dim=-1) @ self.pred_w.t() + self.pred_b).squeeze(-1)  # [B, I]
+
+    def forward(self, users: Tensor) -> tuple[Tensor, Tensor]:
+        scores, items = torch.topk(self.scores(users), self.k, dim=1)  # a plain tuple: torch.export can save it
+        return scores, items
+
+
+@torch.no_grad()
+def serving_module(model: nn.Module, k: int = 20) -> TopK:
+    """The :class:`TopK` of a trained dense model (BPR, LightGCN: propagated once; NeuMF)."""
+    from rayrec.models import BPR, LightGCN, NeuMF
+
+    model.eval()
+    if isinstance(model, LightGCN):
+        U, I = model.propagate()
+        return TopK("dot", {"user": U.detach().clone(), "item": I.detach().clone()}, k)
+    if isinstance(model, BPR):
+        return TopK("dot", {"user": model.user_emb.weight.detach().clone(),
+                            "item": model.item_emb.weight.detach().clone()}, k)
+    if isinstance(model, NeuMF):
+        return TopK("neumf", {"gmf_user": model.gmf_user.weight, "gmf_item": model.gmf_item.weight,
+                              "mlp_user": model.mlp_user.weight, "mlp_item": model.mlp_item.weight,
+                              "mlp_w": model.mlp.weight, "mlp_b": model.mlp.bias,
+                              "pred_w": model.predict.weight, "pred_b": model.predict.bias}, k)
+    raise TypeError(f"no serving module for {type(model).__name__}")
+
+
+def _summary(checkpoint: Path) -> dict:
+    p = Path(checkpoint) / "summary.json"
+    if not p.exists():
+        raise ArtifactError(f"{checkpoint}: no summary.json (not a finished run's final checkpoint); rerun the job "
+                            "that trained it")
+    return json.loads(p.read_text())
+
+
+def load_dense_model(checkpoint: str | Path, prepared: str | Path | None = None) -> nn.Module:
+    """The trained model of a run's final checkpoint, as a dense model: a student (``model.pt``) or a sharded
+    teacher (its DCP shards read into one process: small teachers only)."""
+    from rayrec.data.prepared import load_prepared
+    from rayrec.models import build_model
+
+    ck = Path(checkpoint)
+    s = _summary(ck)
+    mc = s["config"]["model"]
+    pd = load_prepared(prepared or s["prepared"]) if (prepared or s.get("prepared")) else None
+    if pd is None:
+        raise ArtifactError(f"{ck}: summary.json does not name its prepared data; pass prepared=")
+    model = build_model(mc["name"], pd.num_users, pd.num_items, mc["dim"], layers=mc.get("layers", 3),
+                        graph=(pd.train_user, pd.train_item))
+    if (ck / "model.pt").exists():
+        state = torch.load(ck / "model.pt", map_location="cpu")
+    else:
+        from rayrec.sharding.checkpoint import export_dense
+
+        raw = export_dense(ck)
+        state = {}
+        for k, v in raw.items():
+            if not k.startswith("model."):
+                continue
+            k = k[len("model."):]
+            if k.startswith("ec.embeddings."):
+                table = k.split(".")[2]
+                k = f"{table}.weight" if mc["name"] == "neumf" else f"{table}_emb.weight"
+            state[k] = v
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export_student(checkpoint: str | Path, out: str | Path, k: int = 20, prepared: str | Path | None = None) -> Path:
+    """Export a trained student run for serving (see the module docstring); returns the committed directory."""
+    from rayrec.data.prepared import load_prepared
+
+    ck = Path(checkpoint)
+    s = _summary(ck)
+    model = load_dense_model(ck, prepared)
+    module = serving_module(model, k)
+    pd = load_prepared(prepared or s["prepared"])
+    out = Path(out)
+    tmp = temp_dir_for(out)
+    try:
+        example = (torch.arange(min(2, pd.num_users)),)
+        fmt, why = "torch.export", None
+        try:
+            ep = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            torch.export.save(ep, tmp / "student.pt2")
+        except Exception as e:  # noqa: BLE001 - fall back to TorchScript, the reason recorded in the manifest
+            fmt, why = "torchscript", f"{type(e).__name__}: {e}"[:500]
+            torch.jit.save(torch.jit.trace(module, example), tmp / "student.ts")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": np.arange(pd.num_users), "raw_id": pd.user_raw()}), tmp / "user_map.parquet")
+        pq.write_table(pa.table({"id": np.arange(pd.num_items), "raw_id": pd.item_raw()}), tmp / "item_map.parquet")
+        commit_dir(tmp, out, KIND, {
+            "format": fmt, "k": k, "model": s["config"]["model"], "num_users": pd.num_users,
+            "num_items": pd.num_items, "num_parameters": sum(int(b.numel()) for b in module.buffers()),
+            "source_checkpoint": str(ck.resolve()), "distill_method": s["config"].get("distill", {}).get("method"),
+            "export_fallback_reason": why,
+        })
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
+    """``(module, manifest)`` of an exported student (refused without a complete manifest)."""
+    m = read_manifest(path, KIND, RERUN)
+    p = Path(path)
+    if m["format"] == "torch.export":
+        return torch.export.load(p / "student.pt2").module(), m
+    return torch.jit.load(p / "student.ts"), m
+
+
+@torch.no_grad()
+def latency(fn, users: Tensor, warmup: int = 3, repeats: int = 20) -> dict[str, float]:
+    """p50/p90/p99 wall time (ms) of ``fn(users)`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn(users)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(users)
+        times.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(times, n=100, method="inclusive")
+    return {"p50_ms": statistics.median(times), "p90_ms": q[89], "p99_ms": q[98]}

@@ -1,0 +1,55 @@
+"""The tune job: a tiny real search (2 trials x 1 epoch through Ray Train) writes its report, and its best.yaml
+runs unchanged through the distill job; a bad search space fails in one line before Ray."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _spec(tmp_path, space, **kw) -> Path:
+    doc = {"name": "tiny", "config": ["data/ml100k", "model/bpr_d20"],
+           "overrides": [f"storage_root={tmp_path}", "model.dim=8", "train.max_epochs=1", "ray.num_workers=1",
+                         "data.num_eval_negatives=99", "eval.full_ks=[10]", "eval.full=false"],
+           "metric": "valid/H@10", "mode": "max", "num_samples": 2, "grace_period": 1, "space": space, **kw}
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+@pytest.mark.ray
+def test_tiny_tune_writes_a_report_and_a_best_config_distill_accepts(ray_session, tmp_path):
+    from jobs.distill import main as distill
+    from jobs.tune import main as tune
+
+    spec = _spec(tmp_path, {"train.lr": {"loguniform": [0.001, 0.01]}, "train.weight_decay": {"choice": [0.0, 0.001]}})
+    out = tune(["--config", str(spec)])
+    assert out == tmp_path / "tune" / "tiny" / "report"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and all(0 < float(r["valid/H@10"]) <= 1 for r in rows)
+    assert all(0.001 <= float(r["train.lr"]) <= 0.01 for r in rows)
+    md = (out / "report.md").read_text()
+    assert "Best:" in md and "param_train_lr.png" in md and "learning_curves.png" in md
+    for png in ("param_train_lr.png", "param_train_weight_decay.png", "learning_curves.png", "best_terms.png"):
+        assert (out / png).stat().st_size > 1000, png
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["train"]["lr"] == pytest.approx(float(max(rows, key=lambda r: float(r["valid/H@10"]))["train.lr"]))
+    s = distill(["--config", str(out / "best.yaml"), f"storage_root={tmp_path}/again"])
+    assert s["metrics"]["test/H@10"] > 0.1
+
+
+def test_bad_search_space_fails_in_one_line_before_ray(tmp_path):
+    spec = _spec(tmp_path, {"train.lr": {"loguniform": [0.01, 0.001]}})
+    p = subprocess.run([sys.executable, str(REPO / "jobs/tune.py"), "--config", str(spec)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: invalid search space: train.lr") and not (tmp_path / "tune").exists()
+    spec = _spec(tmp_path, {"train.lrr": {"choice": [0.1]}})
+    p = subprocess.run([sys.executable, str(REPO / "jobs/tune.py"), "--config", str(spec)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "unknown config key 'train.lrr'" in p.stderr

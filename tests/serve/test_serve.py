@@ -1,0 +1,94 @@
+"""Serving modules, the exported student and the evaluate job, on a small trained-looking run (no Ray)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rayrec.config import CONFIG_DIR, load_config
+from rayrec.errors import ArtifactError
+from rayrec.models import BPR, LightGCN, NeuMF
+from rayrec.serve import export_student, latency, load_dense_model, load_exported, serving_module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A fake finished run: ML-100K prepared, a BPR d=8 model.pt and its summary.json."""
+    from rayrec.data.prepared import load_prepared, prepare
+
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = load_config([CONFIG_DIR / "data/ml100k.yaml", CONFIG_DIR / "model/bpr_d20.yaml"],
+                      [f"storage_root={tmp}", "model.dim=8", "data.num_eval_negatives=99", "eval.full_ks=[10]"])
+    prepared = prepare(cfg.data, tmp / "prepared", progress=lambda s: None)
+    pd = load_prepared(prepared)
+    torch.manual_seed(0)
+    model = BPR(pd.num_users, pd.num_items, 8, init_std=0.5)
+    ck = tmp / "checkpoint"
+    ck.mkdir()
+    torch.save(model.state_dict(), ck / "model.pt")
+    (ck / "summary.json").write_text(json.dumps({"config": cfg.to_dict(), "prepared": str(prepared)}))
+    return ck, model, pd
+
+
+@pytest.mark.parametrize("kind", ["bpr", "lightgcn", "neumf"])
+def test_serving_module_ranks_like_the_model(kind):
+    torch.manual_seed(0)
+    U, I = 12, 40
+    users_g, items_g = np.arange(U).repeat(3), np.arange(3 * U) % I
+    model = {"bpr": lambda: BPR(U, I, 6, init_std=0.5),
+             "lightgcn": lambda: LightGCN(U, I, 6, layers=2, train_users=users_g, train_items=items_g),
+             "neumf": lambda: NeuMF(U, I, 6)}[kind]()
+    top = serving_module(model, k=5)
+    users = torch.tensor([0, 3, 11])
+    with torch.no_grad():
+        want = model.score_all(users).topk(5, dim=1)
+    values, indices = top(users)
+    torch.testing.assert_close(values, want.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices, want.indices)
+    assert not any(b.requires_grad for b in top.buffers()) and not list(top.parameters())
+
+
+def test_export_roundtrip_and_id_maps(run, tmp_path):
+    ck, model, pd = run
+    out = export_student(ck, tmp_path / "exported", k=10)
+    module, m = load_exported(out)
+    assert m["num_parameters"] == (pd.num_users + pd.num_items) * 8 and m["k"] == 10
+    assert m["format"] == "torch.export", m["export_fallback_reason"]
+    users = torch.arange(7)
+    scores, items = module(users)
+    with torch.no_grad():
+        want = model.score_all(users).topk(10, dim=1)
+    assert torch.equal(items, want.indices) and scores.shape == (7, 10)
+    import pyarrow.parquet as pq
+
+    im = pq.read_table(out / "item_map.parquet").to_pandas()
+    assert len(im) == pd.num_items and (im["raw_id"].to_numpy() == pd.item_raw()).all()
+    (out / "manifest.json").unlink()  # an export without its manifest is refused, saying what to rerun
+    with pytest.raises(ArtifactError, match="export"):
+        load_exported(out)
+
+
+def test_load_dense_model_and_latency(run):
+    ck, model, _ = run
+    loaded = load_dense_model(ck)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    lat = latency(serving_module(loaded), torch.arange(16), warmup=1, repeats=5)
+    assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+    with pytest.raises(ArtifactError, match="summary.json"):
+        load_dense_model(ck.parent)
+
+
+def test_evaluate_job_on_a_checkpoint(run, tmp_path, capsys):
+    from jobs.evaluate import main
+
+    ck, _, _ = run
+    m = main(["--checkpoint", str(ck), "--out", str(tmp_path / "ev.json"), "eval.full_ks=[5,10]"])
+    assert {"test/H@10", "full/Recall@5", "full/NDCG@10"} <= set(m)
+    assert json.loads((tmp_path / "ev.json").read_text()) == m
+    assert "metrics:" in capsys.readouterr().out
+    from rayrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval"):
+        main(["--checkpoint", str(ck), "train.lr=1"])
