@@ -29,6 +29,22 @@ def check_resources(rc: RayConfig, num_cpus: float) -> None:
         )
 
 
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail in one line, within seconds, when nothing listens at a ``host:port`` cluster address (``ray.init``
+    itself retries for minutes). ``auto`` and addresses without a port are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"ray: no cluster answers at {address!r} ({e.strerror or type(e).__name__}); start one "
+                          f"with `ray start --head` or fix ray.address / RAY_ADDRESS") from None
+
+
 def init_ray(rc: RayConfig) -> dict:
     """Connect to ``rc.address`` / ``$RAY_ADDRESS`` if given, else start a local Ray. Returns cluster resources."""
     import ray
@@ -37,6 +53,7 @@ def init_ray(rc: RayConfig) -> dict:
         address = rc.address or os.environ.get("RAY_ADDRESS")
         quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, **quiet)
             except Exception as e:  # noqa: BLE001 - report the cause in one line

@@ -132,9 +132,12 @@ def check_space(spec: TuneSpec) -> dict[str, Any]:
             except ConfigError as e:
                 raise ConfigError(f"invalid search space: {key}={v!r}: {e}") from None
         domains[key] = dom
-    from rayrec.train.fit import validate
+    from rayrec.train.fit import per_epoch_metric_keys, validate
 
     validate(cfg)
+    keys = {k for k in per_epoch_metric_keys(cfg) if k.startswith(("valid/", "full_valid/"))}
+    if spec.metric not in keys:
+        raise ConfigError(f"tune.metric={spec.metric!r} is not a validation metric reported every epoch; choose one of {sorted(keys)}")
     return domains
 
 
@@ -148,7 +151,7 @@ def _trial(params: dict, spec_dict: dict) -> None:
 
     from rayrec.train.fit import fit
 
-    spec = build(TuneSpec, {k: v for k, v in spec_dict.items() if k != "cli_overrides"})
+    spec = build(TuneSpec, {k: v for k, v in spec_dict.items() if k not in ("cli_overrides", "prepared")})
     spec.cli_overrides = spec_dict.get("cli_overrides", [])
     import ray.tune
 
@@ -189,7 +192,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
     prepared = prepare(base.data, prepared_root(base), progress=progress)  # once, shared by every trial
     spec_dict = {**{k: getattr(spec, k) for k in TuneSpec.__dataclass_fields__}, "prepared": str(prepared)}
     trainable = tune.with_parameters(_trial, spec_dict=spec_dict)
-    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial's own actor only waits on its TorchTrainer
+    trainable = tune.with_resources(trainable, {"CPU": 0.1})  # the trial actor only waits on its TorchTrainer
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"--resume: no Tune experiment to restore at {exp_dir}")
@@ -227,6 +230,10 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
     grid = tuner.fit()
     out = write_report(grid, spec, exp_dir / "report", root / f"{spec.name}.history.jsonl")
     progress(f"[tune] done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
+    if not (out / "best.yaml").exists():
+        first = next((r.error for r in grid if r.error is not None), None)
+        raise RuntimeError(f"tune {spec.name}: no trial reported {spec.metric} ({grid.num_errors} of {len(grid)} "
+                           f"failed; first error: {first!r:.500})")
     return out
 
 

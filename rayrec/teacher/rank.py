@@ -300,6 +300,9 @@ def rank_teacher(cfg: ExperimentConfig, checkpoint: str | Path, *, prepared: str
     from rayrec.data.prepared import load_prepared, prepare
     from rayrec.train.fit import prepared_root
 
+    from rayrec.runtime import init_ray
+
+    init_ray(cfg.ray)  # a wrong cluster address fails here, before any data is prepared
     prepared = Path(prepared) if prepared is not None else prepare(cfg.data, prepared_root(cfg), progress=progress)
     pd = load_prepared(prepared)  # checks it before any worker starts
     out = Path(out) if out is not None else resolve_storage_root(cfg) / "rankings" / cfg.name

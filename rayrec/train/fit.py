@@ -71,6 +71,17 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
                           "(the teacher's sharding is distill.teacher.sharding)")
     need = needs(dc)
     uses_de, uses_lists = need.checkpoint, need.lists or need.neighbors
+    if dc.teacher.ranking and not dc.teacher.checkpoint:
+        # the ranking artifact records the teacher it ranked: one path is enough to find both
+        from rayrec.artifacts import read_manifest
+        from rayrec.teacher.rank import KIND, RERUN
+
+        m = read_manifest(dc.teacher.ranking, KIND, RERUN)
+        dc.teacher.checkpoint = m.get("teacher_checkpoint")
+        if (dc.teacher.name, dc.teacher.dim) != (m["model"]["name"], m["model"]["dim"]):
+            raise ConfigError(f"distill.teacher says {dc.teacher.name} d={dc.teacher.dim} but the ranking "
+                              f"{dc.teacher.ranking} was made by {m['model']['name']} d={m['model']['dim']}; set "
+                              f"distill.teacher.name / dim to match")
     if uses_de:
         if not dc.teacher.checkpoint:
             raise ConfigError(f"distill.method={dc.method} needs distill.teacher.checkpoint (train_teacher's output)")
@@ -134,7 +145,9 @@ def fit(
     ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` when a Tune trial runs this fit)."""
     validate(cfg)
     from rayrec.data.prepared import prepare
+    from rayrec.runtime import init_ray
 
+    init_ray(cfg.ray)  # a wrong cluster address fails here, before any data is prepared
     if prepared is None:
         prepared = prepare(cfg.data, prepared_root(cfg), progress=progress)
     if cfg.model.table_budget_mb:

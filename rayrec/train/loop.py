@@ -299,7 +299,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if rank == 0:
             Path(d, "summary.json").write_text(json.dumps(summary, indent=1))
         final_metrics = {**{f"final/{k}": v for k, v in final.items()}, "epoch": state["epoch"], "final": 1,
-                         tc.monitor: final.get(tc.monitor, state["best"])}  # Tune: every report has the metric
+                         tc.monitor: final.get(tc.monitor, state["best"]),  # Tune: every report has the metrics
+                         **{k: v for k, v in final.items() if k.startswith(("valid/", "full_valid/"))}}
         writes = rank == 0 or sharded
         ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
     return summary if rank == 0 else None

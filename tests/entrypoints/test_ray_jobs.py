@@ -1,0 +1,96 @@
+"""The jobs against a real cluster: a local head (`ray start --head --block` on loopback, stopped at the end by
+ending that process, never `ray stop`), `ray job submit --working-dir .` of prepare_data, train_teacher,
+rank_teacher and a 1-epoch distill, each stage reading the previous one's artifact by path."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.ray
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _port(), _port()
+    temp = Path("/tmp") / f"rr{os.getpid()}"  # Ray's socket paths must stay short
+    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
+            f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
+            f"--dashboard-agent-grpc-port={_port()}", f"--metrics-export-port={_port()}",
+            f"--runtime-env-agent-port={_port()}", f"--min-worker-port={20000 + os.getpid() % 1000 * 20}",
+            f"--max-worker-port={20019 + os.getpid() % 1000 * 20}"]
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True)
+        if r.returncode == 0:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"ray start --head exited: {open(log.name).read()[-2000:]}")
+        time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("the head's job server did not come up")
+    yield url, env
+    os.killpg(proc.pid, signal.SIGTERM)  # only what this test started
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _submit(head, *job) -> str:
+    url, env = head
+    runtime = {"env_vars": {"RAYREC_DATA": os.environ["RAYREC_DATA"], "RAY_AUTH_MODE": "disabled"},
+               "excludes": [".venv", "runs", "benchmarks/results", ".git"]}
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
+                        "--runtime-env-json", json.dumps(runtime), "--", "python", *job],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
+    return r.stdout
+
+
+def test_jobs_submitted_to_a_local_head_chain_their_artifacts(head, tmp_path):
+    root = f"storage_root={tmp_path}"
+    data = ["--config", "configs/data/ml100k.yaml", root, "data.num_eval_negatives=99"]
+    out = _submit(head, "jobs/prepare_data.py", *data)
+    prepared = Path(out.split("prepared data: ")[1].split()[0])
+    assert (prepared / "manifest.json").exists() and prepared.is_relative_to(tmp_path)
+
+    teacher = [*data, "model.dim=8", "model.sharding=row_wise", "train.max_epochs=1", "eval.full=false",
+               "name=jt", "train.lr=0.1", "train.weight_decay=0"]
+    out = _submit(head, "jobs/train_teacher.py", *teacher)
+    ckpt = out.split("teacher checkpoint: ")[1].split()[0]
+    assert (Path(ckpt) / "model" / ".metadata").exists()
+    out = _submit(head, "jobs/rank_teacher.py", *teacher, "rank.top_n=20", "--checkpoint", ckpt)
+    ranking = Path(out.split("teacher ranking: ")[1].split()[0])
+    assert json.loads((ranking / "manifest.json").read_text())["teacher_checkpoint"] == ckpt
+
+    # the distill job needs only the ranking: its manifest records the teacher checkpoint
+    out = _submit(head, "jobs/distill.py", *data, "model.dim=4", "train.max_epochs=1", "distill.method=de_rrd",
+                  "distill.de.M=2", "distill.rrd.K=5", "distill.rrd.L=5", f"distill.teacher.ranking={ranking}",
+                  "distill.teacher.dim=8", "name=js", "eval.full=false")
+    run = Path(out.split("run directory: ")[1].split()[0])
+    s = json.loads((run / "summary.json").read_text())
+    assert s["config"]["distill"]["teacher"]["checkpoint"] == ckpt and s["history"][0]["train/kd/de"] > 0
+    assert s["prepared"] == str(prepared)  # every stage used the one prepared dataset
