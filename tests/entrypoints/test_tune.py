@@ -41,6 +41,20 @@ def test_tiny_tune_writes_a_report_and_a_best_config_distill_accepts(ray_session
     assert best["train"]["lr"] == pytest.approx(float(max(rows, key=lambda r: float(r["valid/H@10"]))["train.lr"]))
     s = distill(["--config", str(out / "best.yaml"), f"storage_root={tmp_path}/again"])
     assert s["metrics"]["test/H@10"] > 0.1
+    # --resume restores the experiment (Tuner.restore): nothing left to run, the same report is rebuilt
+    (out / "report.md").unlink()
+    assert tune(["--config", str(spec), "--resume"]) == out
+    assert list(csv.DictReader(open(out / "results.csv"))) == rows and (out / "report.md").exists()
+
+
+@pytest.mark.ray
+def test_optuna_searcher_learns_from_past_trials(ray_session, tmp_path):
+    from jobs.tune import main as tune
+
+    spec = _spec(tmp_path, {"train.lr": {"loguniform": [0.001, 0.01]}}, searcher="optuna", scheduler="fifo")
+    out = tune(["--config", str(spec)])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and "searcher optuna" in (out / "report.md").read_text()
 
 
 def test_bad_search_space_fails_in_one_line_before_ray(tmp_path):
