@@ -26,9 +26,15 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a search file (configs/tune/*.yaml)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted search of the same name")
+    ap.add_argument("--report-dir", default=None, help="write the report here (default <storage_root>/tune/<name>/report)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every trial (key=value)")
     args = ap.parse_args(argv)
-    out = run_tune(load_spec(args.config, args.overrides), resume=args.resume)
+    import shlex
+
+    command = " ".join(["RAYREC_DATA=../shared/data .venv/bin/python jobs/tune.py",
+                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    out = run_tune(load_spec(args.config, args.overrides), resume=args.resume, report_dir=args.report_dir,
+                   command=command)
     print(f"\ntune report: {out / 'report.md'} (best config: {out / 'best.yaml'})")
     return out
 

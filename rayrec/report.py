@@ -79,7 +79,7 @@ def compare_report(summaries: dict[str, dict], out, latency_users: int = 64, k: 
     metric_keys = [key for key in headline if key in present] or present
     cols = [*metric_keys, "num_parameters", "size_ratio", f"top{k}_p50_ms", "latency_ratio", "epoch_s"]
     table = metrics_table(rows, cols)
-    md = [f"# Teacher vs students\n", f"Top-{k} latency: p50 over 20 calls for a batch of {latency_users} users "
+    md = ["# Teacher vs students\n", f"Top-{k} latency: p50 over 20 calls for a batch of {latency_users} users "
           f"(single process, this machine); ratios relative to `{ref}`.\n", table, ""]
     (out / "compare.md").write_text("\n".join(md) + "\n")
     (out / "compare.json").write_text(json.dumps(rows, indent=1))

@@ -175,8 +175,10 @@ def _history_callback(path: Path):
     return History()
 
 
-def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], None] = print) -> Path:
-    """Run (or with ``resume`` continue) the search; write the report; return the report directory."""
+def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], None] = print,
+             report_dir: str | Path | None = None, command: str | None = None) -> Path:
+    """Run (or with ``resume`` continue) the search; write the report (into ``report_dir``, default
+    ``<storage_root>/tune/<name>/report``; ``command`` is quoted in it); return the report directory."""
     domains = check_space(spec)
     base = trial_config(spec, {})
     from ray import tune
@@ -228,7 +230,8 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
              f"{spec.searcher}), metric {spec.metric} ({spec.mode}) -> {exp_dir}")
     t0 = time.perf_counter()
     grid = tuner.fit()
-    out = write_report(grid, spec, exp_dir / "report", root / f"{spec.name}.history.jsonl")
+    out = write_report(grid, spec, Path(report_dir) if report_dir else exp_dir / "report",
+                       root / f"{spec.name}.history.jsonl", command)
     progress(f"[tune] done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
     if not (out / "best.yaml").exists():
         first = next((r.error for r in grid if r.error is not None), None)
@@ -237,7 +240,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
     return out
 
 
-def write_report(grid, spec: TuneSpec, out: Path, history: Path) -> Path:
+def write_report(grid, spec: TuneSpec, out: Path, history: Path, command: str | None = None) -> Path:
     """``report.md``, ``results.csv``, plots and ``best.yaml`` from a Tune ``ResultGrid`` and the per-epoch
     ``history`` (JSON lines) of every trial."""
     import matplotlib
@@ -295,7 +298,8 @@ def write_report(grid, spec: TuneSpec, out: Path, history: Path) -> Path:
     md = [f"# Tune report: {spec.name}\n", f"{len(grid)} trials ({len(ok)} with results, {grid.num_errors} failed), "
           f"metric `{spec.metric}` "
           f"({spec.mode}), scheduler {spec.scheduler}, searcher {spec.searcher}. Experiment config: "
-          f"{', '.join(spec.config)}; overrides: {' '.join(spec.overrides + spec.cli_overrides) or 'none'}.\n"]
+          f"{', '.join(spec.config)}; overrides: {' '.join(spec.overrides + spec.cli_overrides) or 'none'}.\n",
+          *([f"Produced by:\n\n```bash\n{command}\n```\n"] if command else [])]
     if ok:
         best = ok[0]
         h = best["history"]

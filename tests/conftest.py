@@ -33,6 +33,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def spawn():
+    """``spawn(fn, args_for_port, nprocs)``: ``mp.spawn`` of a gloo test on a fresh rendezvous port.
+
+    A child killed by a signal (gloo aborts the process when a peer connection is torn down under heavy load)
+    is retried once on a new port, with a warning; exceptions and failed assertions in a child are never
+    retried."""
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    def run(fn, args_for_port, nprocs: int = 2) -> None:
+        for attempt in (1, 2):
+            try:
+                mp.spawn(fn, args=tuple(args_for_port(_port())), nprocs=nprocs, join=True)
+                return
+            except mp.ProcessExitedException as e:
+                if e.signal_name is None or attempt == 2:
+                    raise
+                warnings.warn(f"spawned rank {e.error_index} died with {e.signal_name}; retrying once")
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "citeulike-t" / "users.dat").exists():

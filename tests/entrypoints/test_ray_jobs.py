@@ -35,8 +35,7 @@ def head(tmp_path_factory):
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
             f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
             f"--dashboard-agent-grpc-port={_port()}", f"--metrics-export-port={_port()}",
-            f"--runtime-env-agent-port={_port()}", f"--min-worker-port={20000 + os.getpid() % 1000 * 20}",
-            f"--max-worker-port={20019 + os.getpid() % 1000 * 20}"]
+            f"--runtime-env-agent-port={_port()}"]  # worker ports: Ray's default range (a job starts 15+ workers)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -61,7 +60,8 @@ def head(tmp_path_factory):
 
 def _submit(head, *job) -> str:
     url, env = head
-    runtime = {"env_vars": {"RAYREC_DATA": os.environ["RAYREC_DATA"], "RAY_AUTH_MODE": "disabled"},
+    # the job runs in an uploaded copy of the working dir: a relative data root would not resolve there
+    runtime = {"env_vars": {"RAYREC_DATA": os.path.abspath(os.environ["RAYREC_DATA"]), "RAY_AUTH_MODE": "disabled"},
                "excludes": [".venv", "runs", "benchmarks/results", ".git"]}
     r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
                         "--runtime-env-json", json.dumps(runtime), "--", "python", *job],

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rayrec.config import EvalConfig
 from rayrec.eval.evaluate import EvalData, evaluate
@@ -85,12 +84,13 @@ def _rank(rank, port, out):
     model = BPR(pd.num_users, pd.num_items, 4, init_std=1.0)
     got = evaluate(model, EvalData.from_prepared(pd), "test", EvalConfig(sampled_ks=[5], full_ks=[10]))
     torch.save(got, f"{out}.{rank}")
+    dist.barrier()  # no rank tears the group down while a peer is still mid-collective
     dist.destroy_process_group()
 
 
-def test_sharded_over_two_ranks_equals_single_process(tmp_path, free_port):
+def test_sharded_over_two_ranks_equals_single_process(tmp_path, spawn):
     out = str(tmp_path / "m")
-    mp.spawn(_rank, args=(free_port, out), nprocs=2, join=True)
+    spawn(_rank, lambda port: (port, out))
     torch.manual_seed(0)
     pd = _tiny()
     model = BPR(pd.num_users, pd.num_items, 4, init_std=1.0)

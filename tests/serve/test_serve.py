@@ -1,7 +1,6 @@
 """Serving modules, the exported student and the evaluate job, on a small trained-looking run (no Ray)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

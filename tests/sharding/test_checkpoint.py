@@ -1,12 +1,10 @@
 """Sharded DCP checkpoints round-trip across world sizes and sharding types (2 -> 1, 2 -> 2 other plan, 1 -> 2)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rayrec.models.sharded import ShardedBPR
 from rayrec.sharding import dense_state_dict, shard_model
@@ -47,11 +45,8 @@ def _worker(rank, world, port, mode, sharding_type, ckpt, out):
     dist.destroy_process_group()
 
 
-def _run(world, mode, sharding_type, ckpt, out):
-    with socket.socket() as s:  # a fresh rendezvous port for each of the two process groups
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, mode, sharding_type, str(ckpt), str(out)), nprocs=world, join=True)
+def _run(spawn, world, mode, sharding_type, ckpt, out):
+    spawn(_worker, lambda port: (world, port, mode, sharding_type, str(ckpt), str(out)), world)
     r = torch.load(out)
     r["optim"] = {}
     for rank in range(world):  # assemble the full optimizer state from every rank's pieces
@@ -63,13 +58,13 @@ def _run(world, mode, sharding_type, ckpt, out):
 
 
 @pytest.mark.parametrize("save_world, load_world, load_type", [(2, 1, "row_wise"), (2, 2, "table_wise"), (1, 2, "row_wise")])
-def test_round_trip_across_world_sizes(tmp_path, save_world, load_world, load_type):
+def test_round_trip_across_world_sizes(tmp_path, spawn, save_world, load_world, load_type):
     ckpt = tmp_path / "ckpt"
-    saved = _run(save_world, "save", "row_wise", ckpt, tmp_path / "saved.pt")
+    saved = _run(spawn, save_world, "save", "row_wise", ckpt, tmp_path / "saved.pt")
     assert ".metadata" in saved["files"] and "extra.json" in saved["files"]
     assert sum(f.endswith(".distcp") for f in saved["files"]) == save_world  # each rank wrote its own shards
     assert not (tmp_path / ".ckpt.tmp").exists()
-    loaded = _run(load_world, "load", load_type, ckpt, tmp_path / "loaded.pt")
+    loaded = _run(spawn, load_world, "load", load_type, ckpt, tmp_path / "loaded.pt")
     assert loaded["extra"] == {"epoch": 7, "world": save_world}
     for k, v in saved["full"].items():
         torch.testing.assert_close(loaded["full"][k], v, rtol=0, atol=0)

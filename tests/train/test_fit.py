@@ -1,7 +1,6 @@
 """Training through Ray Train on real (small) data: 2 DDP workers, local mode loop logic, resume, errors."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rayrec.models import BPR
@@ -31,12 +30,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in task.module.named_parameters()}, out)
+    dist.barrier()  # no rank tears the group down while a peer is still mid-collective
     dist.destroy_process_group()
 
 
-def test_sum_reduction_gradient_equals_global_batch_sum(tmp_path, free_port):
+def test_sum_reduction_gradient_equals_global_batch_sum(tmp_path, spawn):
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, free_port, out), nprocs=2, join=True)
+    spawn(_worker, lambda port: (2, port, out))
     ddp_grads = torch.load(out)
     torch.manual_seed(0)
     ref = TrainTask(BPR(6, 9, 4), reduction="sum", world_size=1)
