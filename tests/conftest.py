@@ -23,22 +23,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A free TCP port on loopback for a torch.distributed rendezvous (mp.spawn tests)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on loopback for a torch.distributed rendezvous (mp.spawn tests)."""
+    return _port()
 
 
 @pytest.fixture
