@@ -217,12 +217,14 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
-            search = BasicVariantGenerator(random_state=spec.seed)
+            # the generator limits concurrency itself (Tune ignores max_concurrent_trials for it, and 12 trials
+            # started at once each wait for Train workers that never fit: WorkerGroupStartupTimeoutError)
+            search = BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent)
         tuner = tune.Tuner(
             trainable, param_space=domains,
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                         scheduler=scheduler, search_alg=search,
-                                        max_concurrent_trials=spec.max_concurrent),
+                                        max_concurrent_trials=spec.max_concurrent if spec.searcher == "optuna" else None),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(root), verbose=1,
                                       callbacks=[_history_callback(root / f"{spec.name}.history.jsonl")]),
         )

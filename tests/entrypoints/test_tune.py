@@ -22,6 +22,19 @@ def _spec(tmp_path, space, **kw) -> Path:
     return p
 
 
+def _trial_spans(history: Path) -> dict[str, tuple[float, float]]:
+    """(start, end) wall time of each trial from its reports (Tune's integer ``timestamp`` minus ``time_total_s``)."""
+    import json
+
+    spans: dict[str, tuple[float, float]] = {}
+    for line in history.read_text().splitlines():
+        r = json.loads(line)
+        start, end = r["timestamp"] - r["time_total_s"], r["timestamp"]
+        s0, e0 = spans.get(r["trial"], (start, end))
+        spans[r["trial"]] = (min(s0, start), max(e0, end))
+    return spans
+
+
 @pytest.mark.ray
 def test_tiny_tune_writes_a_report_and_a_best_config_distill_accepts(ray_session, tmp_path):
     from jobs.distill import main as distill
@@ -33,6 +46,9 @@ def test_tiny_tune_writes_a_report_and_a_best_config_distill_accepts(ray_session
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and all(0 < float(r["valid/H@10"]) <= 1 for r in rows)
     assert all(0.001 <= float(r["train.lr"]) <= 0.01 for r in rows)
+    # max_concurrent (default 1) holds: the trials ran one after the other, never side by side
+    spans = sorted(_trial_spans(tmp_path / "tune" / "tiny.history.jsonl").values())
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1] - 1.5, spans
     md = (out / "report.md").read_text()
     assert "Best:" in md and "param_train_lr.png" in md and "learning_curves.png" in md
     for png in ("param_train_lr.png", "param_train_weight_decay.png", "learning_curves.png", "best_terms.png"):
