@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,18 @@ def _flat(params: dict) -> dict:
     return {k: v for k, v in params.items()}
 
 
+def _absolute_paths(cfg) -> list[str]:
+    """Overrides pinning every path of ``cfg`` to the driver's absolute one: Tune runs each trial in its own
+    working directory, where a relative ``storage_root`` or teacher artifact would not resolve."""
+    out = [f"storage_root={resolve_storage_root(cfg)}"]
+    for key, value in (("data.root", cfg.data.root), ("data.prepared_root", cfg.data.prepared_root),
+                       ("distill.teacher.checkpoint", cfg.distill.teacher.checkpoint),
+                       ("distill.teacher.ranking", cfg.distill.teacher.ranking)):
+        if value:
+            out.append(f"{key}={Path(os.path.expanduser(value)).resolve()}")
+    return out
+
+
 def _trial(params: dict, spec_dict: dict) -> None:
     """One trial: a full Ray Train distillation run reporting every epoch to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -193,6 +206,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
     init_ray(base.ray)
     prepared = prepare(base.data, prepared_root(base), progress=progress)  # once, shared by every trial
     spec_dict = {**{k: getattr(spec, k) for k in TuneSpec.__dataclass_fields__}, "prepared": str(prepared)}
+    spec_dict["cli_overrides"] = [*spec.cli_overrides, *_absolute_paths(base)]  # trials run in their own cwd
     trainable = tune.with_parameters(_trial, spec_dict=spec_dict)
     trainable = tune.with_resources(trainable, {"CPU": 0.1})  # the trial actor only waits on its TorchTrainer
     if resume:

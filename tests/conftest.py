@@ -13,6 +13,7 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 # Tests, CI and the demo read the shared datasets through the data root; never copies in the repo.
 os.environ.setdefault("RAYREC_DATA", str(SHARED_DATA))
+os.environ["RAYREC_DATA"] = str(Path(os.environ["RAYREC_DATA"]).resolve())  # tests may chdir
 os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

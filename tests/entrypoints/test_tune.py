@@ -64,13 +64,16 @@ def test_tiny_tune_writes_a_report_and_a_best_config_distill_accepts(ray_session
 
 
 @pytest.mark.ray
-def test_optuna_searcher_learns_from_past_trials(ray_session, tmp_path):
+def test_optuna_searcher_learns_from_past_trials(ray_session, tmp_path, monkeypatch):
     from jobs.tune import main as tune
 
     spec = _spec(tmp_path, {"train.lr": {"loguniform": [0.001, 0.01]}}, searcher="optuna", scheduler="fifo")
-    out = tune(["--config", str(spec)])
+    monkeypatch.chdir(tmp_path)  # a relative storage root means the driver's cwd, not each trial's own
+    out = tune(["--config", str(spec), "storage_root=store"])
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and "searcher optuna" in (out / "report.md").read_text()
+    assert out == tmp_path / "store" / "tune" / "tiny" / "report"
+    assert len(list((tmp_path / "store" / "ray_train").glob("tiny_*"))) == 2  # each trial's Train run
 
 
 def test_bad_search_space_fails_in_one_line_before_ray(tmp_path):
