@@ -119,6 +119,18 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (each carries the metrics)
     num_to_keep: int = 2  # checkpoints kept by Ray Train
     threads_per_worker: int = 0  # torch threads in each worker; 0 = cores // workers (at least 1)
+    # worker-group failures (a dead worker process, a lost node) recovered from the last checkpoint by Ray Train
+    # (FailureConfig); a retry restarts every worker and reloads the checkpoint. 0 = fail at the first error
+    max_failures: int = 2
+    # same seed, world size and data -> the same rows on the same rank in the same order (Ray Data preserve_order,
+    # no locality-based shard assignment), so metrics repeat exactly on CPU
+    deterministic: bool = True
+    check_finite: bool = True  # stop at the first non-finite loss or gradient (step and loss terms named)
+    # fault injection for tests and drills, once per run at global step `fault_step` on worker `fault_rank` (-1 =
+    # never): exit = the process dies (os._exit); nan = that rank's loss becomes NaN (a numerical blow-up)
+    fault_step: int = -1
+    fault_rank: int = 1
+    fault_kind: Literal["exit", "nan"] = "exit"
 
     def __post_init__(self) -> None:
         for k in ("max_epochs", "batch_size", "num_negatives", "patience", "checkpoint_every", "num_to_keep"):
@@ -126,6 +138,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{k} must be > 0, got {getattr(self, k)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("train.lr must be > 0 and train.weight_decay >= 0")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        if self.fault_step < -1 or self.fault_rank < 0:
+            raise ConfigError("train.fault_step must be >= -1 and train.fault_rank >= 0")
 
 
 @dataclass

@@ -34,3 +34,8 @@ class SplitError(RayrecError, ValueError):
 
 class ArtifactError(RayrecError, FileNotFoundError):
     """A missing or inconsistent artifact (prepared dataset, checkpoint, ranking)."""
+
+
+class NonFiniteError(RayrecError, FloatingPointError):
+    """A non-finite loss or gradient stopped training; the message names the epoch, step and loss terms and the
+    last good checkpoint (which is kept)."""

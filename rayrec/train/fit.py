@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from rayrec.config import ExperimentConfig, resolve_storage_root
-from rayrec.errors import ConfigError
+from rayrec.errors import ConfigError, NonFiniteError
 
 
 def per_epoch_metric_keys(cfg: ExperimentConfig) -> set[str]:
@@ -33,6 +33,10 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.eval.sampled and cfg.data.num_eval_negatives == 0:
         raise ConfigError("eval.sampled needs data.num_eval_negatives > 0")
     _validate_distill(cfg)
+    if cfg.train.fault_step >= 0 and cfg.train.fault_rank >= max(cfg.ray.num_workers, 1):
+        raise ConfigError(f"train.fault_rank={cfg.train.fault_rank} but ray.num_workers={cfg.ray.num_workers}")
+    if cfg.train.fault_step >= 0 and cfg.ray.num_workers == 0:
+        raise ConfigError("train.fault_step kills a worker process: needs ray.num_workers >= 1")
     if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
         raise ConfigError("ray.use_gpu needs ray.num_workers >= 1")
     if cfg.model.sharding != "none":
@@ -194,11 +198,17 @@ def fit(
             for kind in ("user", "item"):
                 datasets[f"teacher_{kind}_nn"] = ray.data.read_parquet(str(Path(ranking["path"]) / f"{kind}_neighbors"))
         data_config = ray.train.DataConfig(datasets_to_split=["train"])
+    if tc.deterministic:
+        # [ray] the same blocks reach the same rank in the same order on every run (and after a restart)
+        opts = ray.train.DataConfig.default_ingest_options()
+        opts.preserve_order = True
+        data_config = ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": opts},
+                                           enable_shard_locality=False)
     rc = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared), "resume_from": resume_from,
-                           "ranking": ranking},
+                           "ranking": ranking, "fault_marker": str(storage / run_name / ".fault_injected")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=rc.num_workers,
             use_gpu=rc.use_gpu,
@@ -209,6 +219,8 @@ def fit(
             name=run_name,
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            # [ray] a dead worker restarts the whole group from the last checkpoint, up to max_failures times
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own per-epoch lines are the progress
             # print() in workers goes straight to the driver (Ray's print patch would log every line twice)
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
@@ -222,6 +234,9 @@ def fit(
     if result.error is not None:
         raise result.error
     summary = dict(result.return_value or {})
+    if summary.get("error"):  # the loop stopped itself (non-finite loss): the last good checkpoint stays
+        last = result.checkpoint.path if result.checkpoint is not None else None
+        raise NonFiniteError(f"{run_name}: {summary['error']}; last good checkpoint: {last or 'none (first epoch)'}")
     # local mode (num_workers=0) persists no checkpoints and has no run path: keep the summary beside the others
     run_dir = Path(result.path) if result.path else storage / run_name
     summary["run_dir"] = str(run_dir)

@@ -45,6 +45,19 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def _nonfinite(rank: int, world: int, epoch: int, step: int, what: str, terms: dict) -> str:
+    """The message naming where training went non-finite: epoch, global step and every rank's loss terms."""
+    mine = {k: float(v) for k, v in terms.items()}
+    per_rank = [mine]
+    if world > 1:
+        import torch.distributed as dist
+
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, mine)
+    shown = "; ".join(f"rank {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in t.items()) for r, t in enumerate(per_rank))
+    return f"non-finite {what} at epoch {epoch}, step {step} (loss terms {shown})"
+
+
 def _save_state(d: str, optim, state: dict) -> None:
     if optim is not None:
         torch.save(optim.state_dict(), os.path.join(d, "optim.pt"))
@@ -148,7 +161,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         weights = DenseWeights(model, method)
     optim = torch.optim.Adam(dense_params, lr=tc.lr, weight_decay=tc.weight_decay) if dense_params else None
 
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights = None
     # [ray] resume: this run's latest checkpoint (worker restart) or an explicit one passed by the driver
     ckpt = ray.train.get_checkpoint()
@@ -160,11 +173,22 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if optim is not None and os.path.exists(os.path.join(d, "optim.pt")):
                 optim.load_state_dict(torch.load(os.path.join(d, "optim.pt"), map_location=device))
             with open(os.path.join(d, "state.json")) as f:
-                state = json.load(f)
+                state = {"step": 0, **json.load(f)}
+        state["resumed_at"] = [*state.get("resumed_at", []), state["epoch"]]
         _log(rank, f"[train] resumed at epoch {state['epoch']} (best {tc.monitor}={state['best']})")
 
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, tc.batch_size // max(world, 1))
+    if ckpt is not None and state["epoch"] > 0 and tc.shuffle != "none":
+        # [ray] Ray Data reseeds the block order (or global shuffle) per execution of the dataset, and a restarted
+        # worker group starts counting from 0 again: stream the epochs already trained once, without training, so
+        # epoch e sees the same rows in the same order as in an uninterrupted run
+        t_replay = time.perf_counter()
+        for _ in range(state["epoch"]):
+            for _ in shard.iter_batches(batch_size=65_536, batch_format="pyarrow"):
+                pass
+        _log(rank, f"[train] replayed the data order of {state['epoch']} epoch(s) in "
+                   f"{time.perf_counter() - t_replay:.1f}s")
     row_shard = weights.item_row_shard() if sharded else None
 
     def eval_shard():
@@ -183,6 +207,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                f"{'sharded ' + cfg.model.sharding + ' ' if sharded else ''}"
                f"workers={world} batch/worker={per_worker_batch} threads/worker={threads}")
 
+    error = None  # set when a non-finite loss or gradient stops the run (every rank agrees on it)
     while state["epoch"] < tc.max_epochs and state["bad_epochs"] < tc.patience:
         epoch = state["epoch"]
         gen = epoch_generator(tc.seed, epoch, rank)
@@ -218,13 +243,36 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 loss, terms = task(users, pos, neg, db, answer)
             if optim is not None:
                 optim.zero_grad(set_to_none=True)
+            if tc.fault_step == state["step"] and rank == tc.fault_rank and not os.path.exists(config["fault_marker"]):
+                Path(config["fault_marker"]).parent.mkdir(parents=True, exist_ok=True)
+                what = "exited" if tc.fault_kind == "exit" else "got a NaN loss"
+                Path(config["fault_marker"]).write_text(f"rank {rank} {what} at step {state['step']}\n")
+                print(f"[train] fault injection: rank {rank} {what} at step {state['step']} (epoch {epoch})", flush=True)
+                if tc.fault_kind == "exit":
+                    os._exit(1)  # a hard worker death (no exception, no clean-up): Ray Train restarts the group
+                loss = loss * float("nan")
+                terms = {**terms, "base": terms["base"] * float("nan")}
             loss.backward()  # sharded tables are updated here by their fused optimizer
+            if tc.check_finite:
+                # the loss on this rank, then the (all-reduced) dense gradients; the flags are summed over ranks so
+                # every rank stops at the same step or none does (a rank leaving alone would hang the others)
+                bad = [float(not bool(torch.isfinite(loss))), float(optim is not None and not all(
+                    bool(torch.isfinite(p.grad).all()) for p in dense_params if p.grad is not None))]
+                if world > 1:
+                    bad = _allreduce_sum(bad)
+                if bad[0] or bad[1]:
+                    error = _nonfinite(rank, world, epoch, state["step"], "loss" if bad[0] else "gradient", terms)
+                    break
             if optim is not None:
                 optim.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             rows += len(users)
             steps += 1
+            state["step"] += 1
+        if error is not None:
+            _log(rank, f"[train] stopped: {error}")
+            break
         train_s = time.perf_counter() - t0
         names = sorted(sums) if sums else ["base"]
         totals = _allreduce_sum([sums.get(k, 0.0) for k in names] + [rows, steps])
@@ -269,6 +317,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         else:
             ray.train.report(metrics)
 
+    if error is not None:  # no final evaluation or checkpoint: the last epoch's checkpoint is the last good one
+        return {"error": error} if rank == 0 else None
     # Final: the best epoch's weights on valid and test, every configured protocol.
     if best_weights is not None:
         weights.restore(best_weights)
@@ -279,6 +329,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     summary = {
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
+        "steps": state["step"],
+        "resumed_at": state.get("resumed_at", []),  # epochs this run restarted at from a checkpoint
         "stopped_early": state["bad_epochs"] >= tc.patience,
         "monitor": tc.monitor,
         "best_monitor": state["best"],

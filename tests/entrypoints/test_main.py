@@ -17,7 +17,11 @@ def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, t
 
     from jobs.main import main
 
-    out = main(["--config", DEMO, "train.max_epochs=1", f"storage_root={tmp_path}"])
+    # the README's pipeline file unchanged, on MovieLens-100K (943 x 1682, 99 negatives) instead of CiteULike-t
+    # (5k x 25k) so the suite stays fast: every stage, artifact and report is the same code path
+    ml100k = ["data.dataset=ml-100k", "data.split=loo", "data.order=time", "data.rating_threshold=4.0",
+              "data.min_user_interactions=5", "data.num_eval_negatives=99"]
+    out = main(["--config", DEMO, "train.max_epochs=1", f"storage_root={tmp_path}", *ml100k])
     printed = capsys.readouterr().out
     assert out == tmp_path / "pipelines" / "citeulike_demo" and f"report: {out / 'compare.md'}" in printed
     md = (out / "compare.md").read_text()
@@ -26,7 +30,7 @@ def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, t
     rows = json.loads((out / "compare.json").read_text())
     assert rows["bpr_teacher"]["num_parameters"] == 10 * rows["bpr_none"]["num_parameters"]  # d=200 vs d=20
     assert rows["bpr_mkd"]["size_ratio"] == pytest.approx(0.1)  # projectors and experts are not exported
-    assert all(r["test/H@5"] > 0.02 for r in rows.values())  # 1 epoch already beats random (5/500 = 0.01)
+    assert all(r["test/H@5"] > 0.08 for r in rows.values()), rows  # 1 epoch already beats random (5/100 = 0.05)
     assert rows["bpr_none"]["top20_p50_ms"] > 0 and (out / "compare.png").stat().st_size > 1000
     manifest = json.loads((out / "pipeline.json").read_text())
     assert Path(manifest["ranking"], "manifest.json").exists() and Path(manifest["teacher_checkpoint"]).is_dir()
