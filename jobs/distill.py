@@ -22,8 +22,9 @@ from rayrec.train.fit import fit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_cli(argv, description=__doc__)
-    summary = fit(cfg)
+    cfg, args = parse_cli(argv, description=__doc__, add_args=lambda ap: ap.add_argument(
+        "--resume", action="store_true", help="continue the newest checkpoint of this run name under storage_root"))
+    summary = fit(cfg, resume=args.resume)
     m = summary["metrics"]
     print()
     print(f"Student at its best validation epoch ({summary['monitor']} = {summary['best_monitor']:.4f}, "

@@ -23,11 +23,12 @@ from rayrec.train.fit import fit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_cli(argv, description=__doc__)
+    cfg, args = parse_cli(argv, description=__doc__, add_args=lambda ap: ap.add_argument(
+        "--resume", action="store_true", help="continue the newest checkpoint of this run name under storage_root"))
     if cfg.model.sharding == "none":
         raise ConfigError("train_teacher needs model.sharding (row_wise, table_wise, column_wise or data_parallel); "
                           "add configs/teacher/sharded_row_wise.yaml to --config")
-    summary = fit(cfg)
+    summary = fit(cfg, resume=args.resume)
     m = summary["metrics"]
     print()
     print(f"Teacher at its best validation epoch ({summary['monitor']} = {summary['best_monitor']:.4f}, "

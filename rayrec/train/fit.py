@@ -137,17 +137,36 @@ def prepared_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.prepared_root).resolve() if cfg.data.prepared_root else resolve_storage_root(cfg) / "prepared"
 
 
+def latest_checkpoint(cfg: ExperimentConfig) -> Path:
+    """The newest per-epoch checkpoint (one with training state) of any run named ``cfg.name`` under the storage
+    root: what ``--resume`` continues from. Ray Train names checkpoints by time, so the newest sorts last."""
+    from rayrec.errors import ArtifactError
+
+    root = resolve_storage_root(cfg) / "ray_train"
+    found = sorted((p.parent for p in root.glob(f"{cfg.name}-*/checkpoint_*/state.json")), key=lambda p: p.name)
+    if not found:
+        raise ArtifactError(f"--resume: no checkpoint of a run named {cfg.name!r} under {root}; run without --resume "
+                            f"to start (or set name= / storage_root= to the interrupted run's)")
+    return found[-1]
+
+
 def fit(
     cfg: ExperimentConfig,
     *,
     prepared: Path | None = None,
     resume_from: str | None = None,
+    resume: bool = False,
     progress: Callable[[str], None] = print,
     callbacks: list | None = None,
 ) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` through Ray Train; return rank 0's summary (also in ``summary.json``).
-    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` when a Tune trial runs this fit)."""
+    ``resume``: continue from the newest checkpoint of this run name under the storage root (``latest_checkpoint``);
+    ``resume_from``: from that checkpoint. ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``
+    when a Tune trial runs this fit)."""
     validate(cfg)
+    if resume and resume_from is None:
+        resume_from = str(latest_checkpoint(cfg))
+        progress(f"[fit] resuming {cfg.name} from {resume_from}")
     from rayrec.data.prepared import prepare
     from rayrec.runtime import init_ray
 

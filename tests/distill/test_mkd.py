@@ -221,3 +221,24 @@ def test_student_topk_single_process_matches_a_dense_ranking():
     s[torch.as_tensor(users), torch.as_tensor(items)] = -torch.inf
     assert torch.equal(got, s.topk(5, dim=1).indices)
     assert not any(int(i) in items[users == u] for u in range(U) for i in got[u])
+
+
+def test_sld_soft_label_ce_is_finite_and_exact_for_scores_of_1e4():
+
+    z_s = torch.tensor([[1e4, -1e4, 5e3, 0.0], [-1e4, -1e4, 1e4, 3.0]], requires_grad=True)  # [B=2, C=4]
+    z_t = torch.tensor([[-1e4, 1e4, 0.0, 2.0], [1e4, -1e4, -5e3, 1.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    for tau, beta, m in ((1.0, 1.0, None), (0.1, 0.5, mask), (5.0, 1.0, mask)):
+        loss = soft_label_ce(z_s, z_t, tau, beta, m)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(z_s.grad).all(), (tau, beta)
+        z_s.grad = None
+        # reference in float64 with an explicit log-sum-exp
+        s, t = z_s.detach().double(), z_t.double()
+        keep = torch.ones_like(s, dtype=torch.bool) if m is None else m
+        s, t = s.masked_fill(~keep, -torch.inf), t.masked_fill(~keep, -torch.inf)
+        p_t = torch.softmax(t / tau, dim=1)
+        label = beta * p_t + (1 - beta) * torch.softmax(s / tau, dim=1)
+        logp = (s / tau - torch.logsumexp(s / tau, dim=1, keepdim=True)).masked_fill(~keep, 0.0)
+        want = -(label * logp).sum(dim=1)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-2)

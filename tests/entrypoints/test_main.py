@@ -34,6 +34,20 @@ def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, t
     assert rows["bpr_none"]["top20_p50_ms"] > 0 and (out / "compare.png").stat().st_size > 1000
     manifest = json.loads((out / "pipeline.json").read_text())
     assert Path(manifest["ranking"], "manifest.json").exists() and Path(manifest["teacher_checkpoint"]).is_dir()
+    # each student's Ray Train run: 2 workers hold the frozen row-sharded teacher and a DDP student; DE looks up the
+    # teacher every step, RRD reads the ranking artifact; MKD's neighbour lists and top-N stream from the same
+    # artifact and SLD recomputes the student's top-K at the epoch start
+    runs = {k: json.loads((Path(v).parent / "summary.json").read_text()) for k, v in manifest["students"].items()}
+    de_rrd, mkd = runs["bpr_de_rrd"], runs["bpr_mkd"]
+    assert de_rrd["world_size"] == mkd["world_size"] == 2
+    assert de_rrd["history"][0]["train/kd/de"] > 0 and de_rrd["history"][0]["train/kd/rrd"] > 0
+    assert de_rrd["history"][0]["kd/tau"] == 1.0  # tau anneals from the end of epoch 1 on
+    assert all(mkd["history"][0][f"train/kd/{t}"] > 0 for t in ("nkd", "cpd_fd", "cpd_list", "sld")), mkd["history"]
+    assert 0 < mkd["history"][0]["kd/cpd_incon"] < 1
+    import torch
+
+    model = torch.load(Path(manifest["students"]["bpr_de_rrd"]) / "model.pt")
+    assert model.keys() == {"user_emb.weight", "item_emb.weight"}  # experts and selection nets are not exported
 
 
 def test_bad_config_fails_in_one_line_before_ray(tmp_path):

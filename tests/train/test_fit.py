@@ -10,7 +10,7 @@ import torch
 
 from rayrec.config import CONFIG_DIR, RayConfig, load_config
 from rayrec.data.prepared import load_prepared
-from rayrec.errors import ConfigError
+from rayrec.errors import ArtifactError, ConfigError
 from rayrec.runtime import check_resources
 from rayrec.train.fit import fit, validate
 
@@ -72,14 +72,26 @@ def test_local_mode_early_stopping_and_resume(ray_session, prepared, tmp_path):
     assert ckpts, "per-epoch checkpoints with training state"
     state = json.loads((ckpts[-1] / "state.json").read_text())
     assert state["epoch"] == 2
-    cfg3 = _cfg(tmp_path, "train.max_epochs=3", "ray.num_workers=1")
-    resumed = fit(cfg3, prepared=prepared, resume_from=str(ckpts[-1]))
-    assert resumed["epochs_run"] == 3
+    # the distill job with --resume finds that newest checkpoint of the run name under the storage root
+    from jobs.distill import main as distill
+    from rayrec.train.fit import latest_checkpoint
+
+    assert latest_checkpoint(cfg2) == ckpts[-1]
+    files = ["--config", str(CONFIG_DIR / "data/ml100k.yaml"), "--config", str(CONFIG_DIR / "model/bpr_d20.yaml")]
+    resumed = distill([*files, "--resume", f"storage_root={tmp_path}", "name=t", "train.batch_size=512",
+                       "train.lr=0.01", "data.num_eval_negatives=99", "eval.full_ks=[10]", "train.max_epochs=3",
+                       "ray.num_workers=1"])
+    assert resumed["epochs_run"] == 3 and resumed["resumed_at"] == [2]
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]  # history carried over, one new epoch
     assert resumed["history"][:2] == first["history"]
 
 
 def test_config_errors_before_ray(tmp_path):
+    from jobs.distill import main as distill
+
+    with pytest.raises(ArtifactError, match="--resume: no checkpoint of a run named 'nothing_here'"):
+        distill(["--config", str(CONFIG_DIR / "data/ml100k.yaml"), "--resume", f"storage_root={tmp_path}",
+                 "name=nothing_here"])
     with pytest.raises(ConfigError, match="train.monitor"):
         validate(_cfg(tmp_path, "train.monitor=full_valid/NDCG@10"))
     with pytest.raises(ConfigError, match="split=ratio"):
@@ -147,27 +159,8 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     nb, _ = rk.neighbors("item")
     assert nb.shape == (1447, 5) and not (nb == np.arange(1447)[:, None]).any()
 
-    # DE-RRD distillation through the same loop: 2 workers each hold the frozen row-sharded teacher (DE looks up
-    # its representations every step) and a DDP student; RRD reads the ranking artifact
+    # distillation from this teacher on 2 workers (DE-RRD, MKD) runs in tests/entrypoints/test_main.py's pipeline
     teacher = ["distill.teacher.checkpoint=" + str(final), f"distill.teacher.ranking={out}", "distill.teacher.dim=20"]
-    dcfg = _cfg(tmp_path, "model.dim=8", "distill.method=de_rrd", "distill.de.M=4", "distill.rrd.K=10",
-                "distill.rrd.L=10", "train.max_epochs=2", "ray.num_workers=2", "eval.full=false", *teacher)
-    d = fit(dcfg, prepared=prepared)
-    h = d["history"]
-    assert all(h[e]["train/kd/de"] > 0 and h[e]["train/kd/rrd"] > 0 for e in (0, 1))
-    assert h[0]["kd/tau"] == h[1]["kd/tau"] == 1.0  # tau anneals from the end of epoch 1 on
-    assert d["num_parameters"] == (938 + 1447) * 8  # experts and selection nets are not part of the student
-    assert d["metrics"]["test/H@10"] > 0.15
-    ck = Path(d["checkpoint"])
-    assert (ck / "model.pt").exists() and torch.load(ck / "model.pt").keys() == {"user_emb.weight", "item_emb.weight"}
-    # MKD = NKD + CPD + SLD: neighbour lists and top-N streamed from the artifact, one teacher lookup per step for
-    # all three, the student's top-K recomputed by both workers at every epoch start (SLD)
-    n = fit(_cfg(tmp_path, "model.dim=8", "distill.method=mkd", "distill.nkd.K=3", "distill.cpd.Q=5",
-                 "distill.cpd.mxK=50", "distill.sld.K=20", "train.max_epochs=1", "ray.num_workers=2", "eval.full=false",
-                 *teacher), prepared=prepared)
-    h0 = n["history"][0]
-    assert all(h0[f"train/kd/{t}"] > 0 for t in ("nkd", "cpd_fd", "cpd_list", "sld")), h0
-    assert 0 < h0["kd/cpd_incon"] < 1 and n["num_parameters"] == (938 + 1447) * 8
     # RRD alone needs no teacher lookups: it also runs in local mode
     r = fit(_cfg(tmp_path, "model.dim=8", "distill.method=rrd", "distill.rrd.interesting=top", "train.max_epochs=1",
                  "ray.num_workers=0", "eval.full=false", *teacher), prepared=prepared)

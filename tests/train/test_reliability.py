@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from rayrec.config import CONFIG_DIR, load_config
 from rayrec.errors import ConfigError, NonFiniteError
@@ -34,10 +33,7 @@ def prepared(tmp_path_factory):
 def test_killed_worker_restarts_from_its_checkpoint_and_the_run_repeats(ray_session, prepared, tmp_path):
     run = ["train.max_epochs=4", "ray.num_workers=2", "train.patience=10"]
     a = fit(_cfg(tmp_path / "a", *run), prepared=prepared)
-    b = fit(_cfg(tmp_path / "b", *run), prepared=prepared)
-    # determinism: same seed, world size and data -> the same losses and the same final metrics
-    assert [h["train/loss"] for h in a["history"]] == [h["train/loss"] for h in b["history"]]
-    assert a["metrics"] == b["metrics"] and a["resumed_at"] == []
+    assert a["resumed_at"] == []
 
     # rank 1 exits hard (os._exit) in the middle of the last epoch (Ray Train registers a reported checkpoint
     # within its 2 s health-check interval, so earlier epochs' checkpoints are registered by then): both workers
@@ -51,9 +47,12 @@ def test_killed_worker_restarts_from_its_checkpoint_and_the_run_repeats(ray_sess
     assert len(k["resumed_at"]) == 1 and 1 <= k["resumed_at"][0] <= 3, k["resumed_at"]
     assert [h["epoch"] for h in k["history"]] == [0, 1, 2, 3] and k["steps"] == a["steps"]
     quality = lambda h: {m: v for m, v in h.items() if not m.startswith("time/") and m != "train/rows_per_s"}  # noqa: E731
-    # the restarted epochs replay the uninterrupted run's data order (Ray Data reseeds per execution): same losses
+    # determinism: run k's epochs before the fault were trained from scratch in another run, with the same seed,
+    # world size and data, and equal run a's; the restarted epochs replay a's data order too (Ray Data reseeds per
+    # execution), so every epoch and the final metrics repeat exactly
     assert [quality(h) for h in k["history"]] == [quality(h) for h in a["history"]]
     assert abs(k["metrics"]["test/H@5"] - a["metrics"]["test/H@5"]) <= 0.005, (k["metrics"], a["metrics"])
+    assert k["metrics"] == a["metrics"]
 
 
 def test_without_retries_a_killed_worker_fails_the_run(ray_session, prepared, tmp_path):
