@@ -82,3 +82,51 @@ def read_manifest(directory: str | Path, kind: str, rerun: str, verify: bool = F
         if not p.is_file() or p.stat().st_size != f["bytes"] or (verify and _sha256(p) != f["sha256"]):
             raise ArtifactError(f"{p}: missing or changed since its manifest was written; run {rerun} again")
     return manifest
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+# A Ray Train checkpoint is the union of the directories its writing ranks reported (rank 0 for a dense model,
+# every rank for sharded tables). Each writing rank lists its own files in ``manifest.rank<r>.json``, written last
+# into its directory; a checkpoint is complete when the manifests of all its writers are there and match.
+CKPT_MANIFEST_GLOB = "manifest.rank*.json"
+
+
+def write_checkpoint_manifest(d: str | Path, rank: int, writers: int, fields: dict[str, Any] | None = None) -> None:
+    """List (size, sha256) every file this rank wrote into checkpoint directory ``d``; call it last."""
+    d = Path(d)
+    files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(("manifest.rank", ".manifest")))
+    manifest = {"kind": "checkpoint", "rank": rank, "writers": writers, **(fields or {}),
+                "files": [{"path": str(p.relative_to(d)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                          for p in files]}
+    part = d / f".manifest.rank{rank}.json.part"
+    part.write_text(json.dumps(manifest, indent=1, default=str))
+    os.rename(part, d / f"manifest.rank{rank}.json")
+
+
+def check_checkpoint(directory: str | Path, rerun: str, verify: bool = False) -> list[dict[str, Any]]:
+    """The rank manifests of a complete checkpoint; :class:`ArtifactError` naming ``rerun`` otherwise (missing
+    directory, no manifest, a writing rank's manifest missing, a listed file missing or of another size; ``verify``
+    also re-hashes every file)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"{d}: checkpoint not found; run {rerun}")
+    manifests = []
+    for p in sorted(d.glob(CKPT_MANIFEST_GLOB)):
+        try:
+            manifests.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            raise ArtifactError(f"{p}: unreadable checkpoint manifest; run {rerun} again") from None
+    if not manifests:
+        raise ArtifactError(f"{d}: no {CKPT_MANIFEST_GLOB}, so not a complete checkpoint (interrupted while it was "
+                            f"written, or written by a rayrec without checkpoint manifests); run {rerun} again")
+    writers = manifests[0].get("writers", 1)
+    if len(manifests) != writers:
+        raise ArtifactError(f"{d}: manifests of {len(manifests)} of its {writers} writing ranks, so an incomplete "
+                            f"checkpoint; run {rerun} again")
+    for m in manifests:
+        for f in m.get("files", []):
+            p = d / f["path"]
+            if not p.is_file() or p.stat().st_size != f["bytes"] or (verify and _sha256(p) != f["sha256"]):
+                raise ArtifactError(f"{p}: missing or changed since rank {m['rank']} wrote the checkpoint; run "
+                                    f"{rerun} again")
+    return manifests

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rayrec.artifacts import commit_dir, read_manifest, temp_dir_for
+from rayrec.artifacts import check_checkpoint, commit_dir, read_manifest, temp_dir_for
 from rayrec.errors import ArtifactError
 
 KIND = "exported_student"
@@ -80,6 +80,7 @@ def serving_module(model: nn.Module, k: int = 20) -> TopK:
 
 
 def _summary(checkpoint: Path) -> dict:
+    check_checkpoint(checkpoint, "the training job (train_teacher / distill)")
     p = Path(checkpoint) / "summary.json"
     if not p.exists():
         raise ArtifactError(f"{checkpoint}: no summary.json (not a finished run's final checkpoint); rerun the job "

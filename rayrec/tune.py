@@ -258,7 +258,22 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
 
 def write_report(grid, spec: TuneSpec, out: Path, history: Path, command: str | None = None) -> Path:
     """``report.md``, ``results.csv``, plots and ``best.yaml`` from a Tune ``ResultGrid`` and the per-epoch
-    ``history`` (JSON lines) of every trial."""
+    ``history`` (JSON lines) of every trial, written into a temporary directory beside ``out`` and committed with
+    a checksummed ``manifest.json`` (rayrec.artifacts): ``out`` holds the previous report or the new one, whole."""
+    from rayrec.artifacts import commit_dir, temp_dir_for
+
+    tmp = temp_dir_for(out)
+    try:
+        _write_report_files(grid, spec, tmp, history, command)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_dir(tmp, out, "tune_report", {"name": spec.name, "metric": spec.metric, "command": command})
+
+
+def _write_report_files(grid, spec: TuneSpec, out: Path, history: Path, command: str | None) -> None:
     import matplotlib
     import pandas as pd
 
@@ -344,4 +359,3 @@ def write_report(grid, spec: TuneSpec, out: Path, history: Path, command: str | 
             md.append(f"| {i} | {t['trial'][-20:]} | " + " | ".join(vals) + f" | {t['best']:.4f} | {t['epochs']} |")
     md += ["", *(f"![{p}]({p})" for p in plots), ""]
     (out / "report.md").write_text("\n".join(md))
-    return out

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rayrec.artifacts import commit_dir, read_manifest, temp_dir_for
+from rayrec.artifacts import check_checkpoint, commit_dir, read_manifest, temp_dir_for
 from rayrec.config import ExperimentConfig, RankConfig, build, resolve_storage_root
 from rayrec.distributed import all_reduce
 from rayrec.errors import ArtifactError, ConfigError
@@ -282,6 +282,7 @@ def rank_loop_per_worker(config: dict) -> dict | None:
 
 # --------------------------------------------------------------------------------------------- driver side
 def _teacher_model_files(checkpoint: Path) -> Path:
+    check_checkpoint(checkpoint, "jobs/train_teacher.py")
     shards = checkpoint / "model" if (checkpoint / "model" / ".metadata").exists() else checkpoint
     if not (shards / ".metadata").exists():
         hint = " (a dense checkpoint: train the teacher with model.sharding set)" if (checkpoint / "model.pt").exists() else ""

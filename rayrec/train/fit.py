@@ -143,7 +143,17 @@ def latest_checkpoint(cfg: ExperimentConfig) -> Path:
     from rayrec.errors import ArtifactError
 
     root = resolve_storage_root(cfg) / "ray_train"
-    found = sorted((p.parent for p in root.glob(f"{cfg.name}-*/checkpoint_*/state.json")), key=lambda p: p.name)
+    from rayrec.artifacts import check_checkpoint
+
+    def complete(d: Path) -> bool:  # a checkpoint cut short by the failure that ended the run is skipped
+        try:
+            check_checkpoint(d, "")
+            return True
+        except ArtifactError:
+            return False
+
+    found = sorted((p.parent for p in root.glob(f"{cfg.name}-*/checkpoint_*/state.json") if complete(p.parent)),
+                   key=lambda p: p.name)
     if not found:
         raise ArtifactError(f"--resume: no checkpoint of a run named {cfg.name!r} under {root}; run without --resume "
                             f"to start (or set name= / storage_root= to the interrupted run's)")
@@ -167,6 +177,10 @@ def fit(
     if resume and resume_from is None:
         resume_from = str(latest_checkpoint(cfg))
         progress(f"[fit] resuming {cfg.name} from {resume_from}")
+    if resume_from is not None:
+        from rayrec.artifacts import check_checkpoint
+
+        check_checkpoint(resume_from, "the training job without resuming")
     from rayrec.data.prepared import prepare
     from rayrec.runtime import init_ray
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rayrec.artifacts import check_checkpoint, write_checkpoint_manifest
 from rayrec.config import ExperimentConfig, build
 from rayrec.distributed import all_reduce
 from rayrec.eval.evaluate import EvalData, evaluate
@@ -169,6 +170,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            check_checkpoint(d, "the training job without resuming")
             best_weights = weights.load(d, device)
             if optim is not None and os.path.exists(os.path.join(d, "optim.pt")):
                 optim.load_state_dict(torch.load(os.path.join(d, "optim.pt"), map_location=device))
@@ -313,6 +315,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 if rank == 0:
                     _save_state(d, optim, state)
                 writes = rank == 0 or sharded
+                if writes:  # this rank's file list with checksums, last: a reader refuses a partial checkpoint
+                    write_checkpoint_manifest(d, rank, world if sharded else 1, {"epoch": epoch})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
         else:
             ray.train.report(metrics)
@@ -354,5 +358,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                          tc.monitor: final.get(tc.monitor, state["best"]),  # Tune: every report has the metrics
                          **{k: v for k, v in final.items() if k.startswith(("valid/", "full_valid/"))}}
         writes = rank == 0 or sharded
+        if writes:
+            write_checkpoint_manifest(d, rank, world if sharded else 1, {"final": True})
         ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
     return summary if rank == 0 else None

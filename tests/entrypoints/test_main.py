@@ -32,6 +32,10 @@ def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, t
     assert rows["bpr_mkd"]["size_ratio"] == pytest.approx(0.1)  # projectors and experts are not exported
     assert all(r["test/H@5"] > 0.08 for r in rows.values()), rows  # 1 epoch already beats random (5/100 = 0.05)
     assert rows["bpr_none"]["top20_p50_ms"] > 0 and (out / "compare.png").stat().st_size > 1000
+    from rayrec.artifacts import read_manifest
+
+    files = {f["path"] for f in read_manifest(out, "pipeline_report", "jobs/main.py", verify=True)["files"]}
+    assert files == {"compare.md", "compare.json", "compare.png", "pipeline.json"}  # committed whole, checksummed
     manifest = json.loads((out / "pipeline.json").read_text())
     assert Path(manifest["ranking"], "manifest.json").exists() and Path(manifest["teacher_checkpoint"]).is_dir()
     # each student's Ray Train run: 2 workers hold the frozen row-sharded teacher and a DDP student; DE looks up the

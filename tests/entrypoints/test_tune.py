@@ -53,6 +53,10 @@ def test_tiny_tune_writes_a_report_and_a_best_config_distill_accepts(ray_session
     assert "Best:" in md and "param_train_lr.png" in md and "learning_curves.png" in md
     for png in ("param_train_lr.png", "param_train_weight_decay.png", "learning_curves.png", "best_terms.png"):
         assert (out / png).stat().st_size > 1000, png
+    from rayrec.artifacts import read_manifest
+
+    committed = {f["path"] for f in read_manifest(out, "tune_report", "jobs/tune.py", verify=True)["files"]}
+    assert {"report.md", "results.csv", "best.yaml", "learning_curves.png"} <= committed
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["train"]["lr"] == pytest.approx(float(max(rows, key=lambda r: float(r["valid/H@10"]))["train.lr"]))
     s = distill(["--config", str(out / "best.yaml"), f"storage_root={tmp_path}/again"])

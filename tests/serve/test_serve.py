@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rayrec.artifacts import check_checkpoint, write_checkpoint_manifest
 from rayrec.config import CONFIG_DIR, load_config
 from rayrec.errors import ArtifactError
 from rayrec.models import BPR, LightGCN, NeuMF
@@ -28,7 +29,31 @@ def run(tmp_path_factory):
     ck.mkdir()
     torch.save(model.state_dict(), ck / "model.pt")
     (ck / "summary.json").write_text(json.dumps({"config": cfg.to_dict(), "prepared": str(prepared)}))
+    write_checkpoint_manifest(ck, 0, 1)  # as the training loop does, last
     return ck, model, pd
+
+
+def test_incomplete_checkpoints_are_refused_with_what_to_rerun(run, tmp_path):
+    import shutil
+
+    ck, _, _ = run
+    bad = tmp_path / "ck"
+    shutil.copytree(ck, bad)
+    (bad / "manifest.rank0.json").unlink()  # cut short before its manifest was written
+    with pytest.raises(ArtifactError, match=r"no manifest.rank\*.json, so not a complete checkpoint.*run the training"):
+        load_dense_model(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(ck, bad)
+    (bad / "model.pt").write_bytes((bad / "model.pt").read_bytes()[:100])  # truncated after the manifest
+    with pytest.raises(ArtifactError, match=r"model.pt: missing or changed since rank 0 wrote the checkpoint"):
+        load_dense_model(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(ck, bad)
+    m = json.loads((bad / "manifest.rank0.json").read_text())
+    (bad / "manifest.rank0.json").write_text(json.dumps({**m, "writers": 2}))  # a sharded one missing rank 1
+    with pytest.raises(ArtifactError, match=r"manifests of 1 of its 2 writing ranks"):
+        check_checkpoint(bad, "x")
+    assert check_checkpoint(ck, "x", verify=True)[0]["files"]  # the intact one passes, checksums included
 
 
 @pytest.mark.parametrize("kind", ["bpr", "lightgcn", "neumf"])
@@ -75,7 +100,7 @@ def test_load_dense_model_and_latency(run):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     lat = latency(serving_module(loaded), torch.arange(16), warmup=1, repeats=5)
     assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
-    with pytest.raises(ArtifactError, match="summary.json"):
+    with pytest.raises(ArtifactError, match="not a complete checkpoint"):
         load_dense_model(ck.parent)
 
 
