@@ -281,12 +281,25 @@ def rank_loop_per_worker(config: dict) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------- driver side
-def _teacher_model_files(checkpoint: Path) -> Path:
+def _teacher_model_files(checkpoint: Path, dim: int | None = None, key: str = "model.dim") -> Path:
+    """The DCP directory of a complete sharded teacher checkpoint. With ``dim``: its tables must have that many
+    columns (read from the DCP metadata, no process group needed), else a ConfigError naming ``key``."""
     check_checkpoint(checkpoint, "jobs/train_teacher.py")
     shards = checkpoint / "model" if (checkpoint / "model" / ".metadata").exists() else checkpoint
     if not (shards / ".metadata").exists():
         hint = " (a dense checkpoint: train the teacher with model.sharding set)" if (checkpoint / "model.pt").exists() else ""
         raise ArtifactError(f"{checkpoint}: not a sharded teacher checkpoint (no model/.metadata){hint}")
+    if dim is not None:
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+        tables = {k: tuple(v.size) for k, v in meta.items()
+                  if k.endswith(".weight") and ".embeddings." in k and hasattr(v, "size") and len(v.size) == 2}
+        wrong = {k: s for k, s in tables.items() if s[1] != dim}
+        if wrong:
+            k, s = next(iter(wrong.items()))
+            raise ConfigError(f"{key}={dim} but the teacher checkpoint {checkpoint} has tables of d={s[1]} "
+                              f"({k}: {s[0]} x {s[1]}); set {key}={s[1]} or pass the matching checkpoint")
     return shards
 
 
@@ -295,7 +308,7 @@ def rank_teacher(cfg: ExperimentConfig, checkpoint: str | Path, *, prepared: str
     """Compute the ranking artifact of the teacher in ``checkpoint`` (``cfg.model`` describes it) with
     ``cfg.ray.num_workers`` Ray Train workers; return the committed directory."""
     checkpoint = Path(checkpoint).resolve()
-    _teacher_model_files(checkpoint)  # fail before starting anything
+    _teacher_model_files(checkpoint, cfg.model.dim)  # fail before starting anything
     if cfg.ray.num_workers < 1:
         raise ConfigError("rank_teacher needs ray.num_workers >= 1 (the teacher is loaded sharded)")
     from rayrec.data.prepared import load_prepared, prepare

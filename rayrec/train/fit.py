@@ -91,7 +91,7 @@ def _validate_distill(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"distill.method={dc.method} needs distill.teacher.checkpoint (train_teacher's output)")
         from rayrec.teacher.rank import _teacher_model_files
 
-        _teacher_model_files(Path(dc.teacher.checkpoint))
+        _teacher_model_files(Path(dc.teacher.checkpoint), dc.teacher.dim, "distill.teacher.dim")
         if cfg.ray.num_workers == 0:
             raise ConfigError(f"distill.method={dc.method} loads the sharded teacher: needs ray.num_workers >= 1")
         summary = Path(dc.teacher.checkpoint) / "summary.json"

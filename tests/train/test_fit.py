@@ -161,6 +161,12 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
 
     # distillation from this teacher on 2 workers (DE-RRD, MKD) runs in tests/entrypoints/test_main.py's pipeline
     teacher = ["distill.teacher.checkpoint=" + str(final), f"distill.teacher.ranking={out}", "distill.teacher.dim=20"]
+    # a teacher checkpoint whose tables do not match the config is refused before Ray, naming the key
+    with pytest.raises(ConfigError, match=r"distill.teacher.dim=16 but the teacher checkpoint .* has tables of d=20"):
+        validate(_cfg(tmp_path, "model.dim=8", "distill.method=de", *teacher[:2], "distill.teacher.dim=16"))
+    with pytest.raises(ConfigError, match=r"model.dim=32 but the teacher checkpoint"):
+        rank_teacher(_cfg(tmp_path, "model.sharding=row_wise", "model.dim=32", "ray.num_workers=2"), final,
+                     prepared=prepared)
     # RRD alone needs no teacher lookups: it also runs in local mode
     r = fit(_cfg(tmp_path, "model.dim=8", "distill.method=rrd", "distill.rrd.interesting=top", "train.max_epochs=1",
                  "ray.num_workers=0", "eval.full=false", *teacher), prepared=prepared)
