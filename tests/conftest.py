@@ -17,6 +17,7 @@ os.environ["RAYREC_DATA"] = str(Path(os.environ["RAYREC_DATA"]).resolve())  # te
 os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # small runs: see workers start/finish sooner
 
 
 @pytest.fixture(autouse=True)

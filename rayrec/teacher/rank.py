@@ -324,7 +324,7 @@ def rank_teacher(cfg: ExperimentConfig, checkpoint: str | Path, *, prepared: str
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rayrec.runtime import init_ray
+    from rayrec.runtime import init_ray, worker_runtime_env
 
     init_ray(cfg.ray)
     tmp = temp_dir_for(out)
@@ -340,7 +340,7 @@ def rank_teacher(cfg: ExperimentConfig, checkpoint: str | Path, *, prepared: str
             name=f"rank-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(resolve_storage_root(cfg) / "ray_train"),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env=worker_runtime_env(),
         ),
     )
     progress(f"[rank] teacher {checkpoint} -> {out} ({rc.num_workers} worker(s))")

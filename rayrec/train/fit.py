@@ -201,7 +201,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rayrec.runtime import init_ray
+    from rayrec.runtime import init_ray, worker_runtime_env
     from rayrec.train.loop import train_loop_per_worker
 
     init_ray(cfg.ray)
@@ -256,7 +256,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own per-epoch lines are the progress
             # print() in workers goes straight to the driver (Ray's print patch would log every line twice)
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env=worker_runtime_env(),
             callbacks=callbacks or None,
         ),
         datasets=datasets,
