@@ -451,4 +451,12 @@ def load_prepared(path: str | Path) -> PreparedData:
         arrays[f"{name}_user"], arrays[f"{name}_item"] = _read_split(p / name, int(counts[name]), U, I)
     n = int(manifest["num_eval_negatives"])
     negatives = _read_negatives(p / "negatives.parquet", U, n) if n > 0 else None
+    if negatives is not None:  # a candidate that is one of the user's positives would inflate every metric
+        pos = np.concatenate([arrays[f"{s}_user"] * I + arrays[f"{s}_item"] for s in SPLITS])  # [P] user*I+item
+        neg = np.repeat(np.arange(U, dtype=np.int64), n) * I + negatives.reshape(-1)  # [U*n]
+        hit = np.isin(neg, pos)
+        if hit.any():
+            k = int(np.flatnonzero(hit)[0])
+            raise ArtifactError(f"{p / 'negatives.parquet'}: user {k // n}'s evaluation candidates include item "
+                                f"{negatives.reshape(-1)[k]}, one of its positives; delete {p} and run prepare again")
     return PreparedData(path=p, manifest=manifest, num_users=U, num_items=I, negatives=negatives, **arrays)

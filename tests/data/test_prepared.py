@@ -209,6 +209,25 @@ def test_load_prepared_errors(tmp_path: Path, write):
         load_prepared(p)
 
 
+def test_candidates_that_include_a_positive_are_refused(citeulike_loo, tmp_path: Path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad_candidates"
+    shutil.copytree(citeulike_loo[0], bad)
+    pd = load_prepared(bad)
+    negatives = pd.negatives.copy()
+    negatives[7, 3] = pd.test_item[pd.test_user == 7][0]  # user 7's held-out test item among its candidates
+    t = pq.read_table(bad / "negatives.parquet")
+    items = pa.FixedSizeListArray.from_arrays(pa.array(negatives.reshape(-1)), negatives.shape[1])
+    pq.write_table(t.set_column(t.schema.get_field_index("items"), "items", items), bad / "negatives.parquet")
+    with pytest.raises(ArtifactError, match=r"negatives.parquet: user 7's evaluation candidates include item \d+, "
+                                            r"one of its positives"):
+        load_prepared(bad)
+
+
 def test_config_errors(tmp_path: Path, data_root: Path):
     with pytest.raises(ConfigError, match="data.files"):
         prepare(DataConfig(dataset="files"), tmp_path)

@@ -51,11 +51,15 @@ def head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail("the head's job server did not come up")
     yield url, env
-    os.killpg(proc.pid, signal.SIGTERM)  # only what this test started
+    # only what this test started: the head's process group, then any of its processes that left the group (every
+    # one of them names this head's temp dir); Ray's graceful stop alone took ~30 s here
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
 
 
 def _submit(head, *job) -> str:

@@ -16,7 +16,7 @@ def _run(job, *args):
 
 
 @pytest.mark.parametrize("job, args, message", [
-    ("rank_teacher.py", ["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt: not a sharded teacher checkpoint"),
+    ("rank_teacher.py", ["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt: checkpoint not found; run jobs/train_teacher.py"),
     ("train_teacher.py", ["model.sharding=none"], "train_teacher needs model.sharding"),
     ("train_teacher.py", ["model.dim=250"], "model.dim=250: fbgemm's fused embedding kernels need a multiple of 4"),
 ])
@@ -30,9 +30,9 @@ def test_teacher_job_errors_are_one_line(tmp_path, job, args, message):
 @pytest.mark.parametrize("job, args, message", [
     # a missing artifact, named, before any work
     ("distill.py", ["--config", str(REPO / "configs/experiments/citeulike__bpr_d200_to_d20__de_rrd.yaml"),
-                    "distill.teacher.checkpoint=/nonexistent/ckpt"], "/nonexistent/ckpt: not a sharded teacher"),
-    ("export.py", ["--checkpoint", "/nonexistent/run", "--out", "x"], "/nonexistent/run: no summary.json"),
-    ("evaluate.py", ["--checkpoint", "/nonexistent/run"], "/nonexistent/run: no summary.json"),
+                    "distill.teacher.checkpoint=/nonexistent/ckpt"], "/nonexistent/ckpt: checkpoint not found; run jobs/train_teacher.py"),
+    ("export.py", ["--checkpoint", "/nonexistent/run", "--out", "x"], "/nonexistent/run: checkpoint not found; run the training job"),
+    ("evaluate.py", ["--checkpoint", "/nonexistent/run"], "/nonexistent/run: checkpoint not found; run the training job"),
     ("benchmark.py", ["nope"], "unknown benchmark 'nope'"),
     # a wrong cluster address: refused within seconds instead of Ray's minutes of retries
     ("prepare_data.py", ["--config", str(REPO / "configs/data/ml100k.yaml"), "ray.address=127.0.0.1:1"], None),
