@@ -8,7 +8,9 @@ import pytest
 import ray
 import torch
 
-from rayrec.config import CONFIG_DIR, RayConfig, load_config
+from _ml100k import ml100k_config
+
+from rayrec.config import CONFIG_DIR, RayConfig
 from rayrec.data.prepared import load_prepared
 from rayrec.errors import ArtifactError, ConfigError
 from rayrec.runtime import check_resources
@@ -18,20 +20,7 @@ pytestmark = pytest.mark.ray
 
 
 def _cfg(tmp, *overrides):
-    return load_config(
-        [CONFIG_DIR / "data/ml100k.yaml", CONFIG_DIR / "model/bpr_d20.yaml"],
-        [f"storage_root={tmp}", "name=t", "train.batch_size=512", "train.lr=0.01", "data.num_eval_negatives=99",
-         "eval.full_ks=[10]", *overrides],
-    )
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from rayrec.data.prepared import prepare
-    from rayrec.train.fit import prepared_root
-
-    cfg = _cfg(tmp_path_factory.mktemp("prep"))
-    return prepare(cfg.data, prepared_root(cfg), progress=lambda s: None)
+    return ml100k_config(tmp, "name=t", "eval.full_ks=[10]", *overrides)
 
 
 def test_two_ddp_workers_learn_and_checkpoint_metrics(ray_session, prepared, tmp_path):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rayrec.config import CONFIG_DIR, load_config
+from _ml100k import ml100k_config
+
 from rayrec.errors import ConfigError, NonFiniteError
 from rayrec.train.fit import fit, validate
 
@@ -14,20 +15,7 @@ pytestmark = pytest.mark.ray
 
 
 def _cfg(tmp, *overrides):
-    return load_config(
-        [CONFIG_DIR / "data/ml100k.yaml", CONFIG_DIR / "model/bpr_d20.yaml"],
-        [f"storage_root={tmp}", "name=rel", "train.batch_size=512", "train.lr=0.01", "data.num_eval_negatives=99",
-         "eval.full=false", *overrides],
-    )
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from rayrec.data.prepared import prepare
-    from rayrec.train.fit import prepared_root
-
-    cfg = _cfg(tmp_path_factory.mktemp("prep"))
-    return prepare(cfg.data, prepared_root(cfg), progress=lambda s: None)
+    return ml100k_config(tmp, "name=rel", "eval.full=false", *overrides)
 
 
 def test_killed_worker_restarts_from_its_checkpoint_and_the_run_repeats(ray_session, prepared, tmp_path):
