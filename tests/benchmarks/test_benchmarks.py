@@ -51,6 +51,7 @@ def test_bpr_citeulike_smoke(ray_session, tmp_path):
                                    "full/Recall@20", "full/NDCG@20"}
 
 
+@pytest.mark.slow  # ~50 s; the sharded paths it times are tested in tests/sharding and tests/train/test_fit.py
 @pytest.mark.ray
 def test_sharded_teacher_smoke(ray_session, tmp_path):
     from benchmarks.sharded_teacher import main
@@ -69,6 +70,7 @@ def test_sharded_teacher_smoke(ray_session, tmp_path):
     assert rows["train_sharded"]["timing"]["rows_per_s"] > 0
 
 
+@pytest.mark.slow  # ~70 s; its stages (sharded teacher, rank, DE-RRD) run in tests/entrypoints/test_main.py
 @pytest.mark.ray
 def test_derrd_citeulike_smoke(ray_session, tmp_path):
     from benchmarks.derrd_citeulike import main
