@@ -16,7 +16,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rayrec.errors import ArtifactError
 
@@ -40,15 +40,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_entries(root: Path, skip: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Path (relative to ``root``), size and sha256 of every file under ``root`` whose name ``skip`` rejects not."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not skip(p.name))
+    return [{"path": str(p.relative_to(root)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]
+
+
+def _first_changed(root: Path, entries: list[dict[str, Any]], verify: bool) -> Path | None:
+    """The first listed file that is missing or differs in size (``verify``: or in sha256), else None."""
+    for f in entries:
+        p = root / f["path"]
+        if not p.is_file() or p.stat().st_size != f["bytes"] or (verify and _sha256(p) != f["sha256"]):
+            return p
+    return None
+
+
 def commit_dir(tmp: str | Path, target: str | Path, kind: str, fields: dict[str, Any]) -> Path:
     """Write the manifest of ``tmp`` (last) and rename ``tmp`` to ``target``, replacing an older ``target``."""
     tmp, target = Path(tmp), Path(target)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
         "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **fields,
-        "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+        "files": _file_entries(tmp, lambda name: name == MANIFEST),
     }
     part = tmp / f".{MANIFEST}.part"
     part.write_text(json.dumps(manifest, indent=1, default=str))
@@ -77,11 +91,22 @@ def read_manifest(directory: str | Path, kind: str, rerun: str, verify: bool = F
         raise ArtifactError(f"{d}: no complete {MANIFEST}, so not a finished {kind}; run {rerun} again") from None
     if manifest.get("kind") != kind:
         raise ArtifactError(f"{d}: holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
-    for f in manifest.get("files", []):
-        p = d / f["path"]
-        if not p.is_file() or p.stat().st_size != f["bytes"] or (verify and _sha256(p) != f["sha256"]):
-            raise ArtifactError(f"{p}: missing or changed since its manifest was written; run {rerun} again")
+    changed = _first_changed(d, manifest.get("files", []), verify)
+    if changed is not None:
+        raise ArtifactError(f"{changed}: missing or changed since its manifest was written; run {rerun} again")
     return manifest
+
+
+def write_dir(target: str | Path, kind: str, fields: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temporary directory beside ``target``, then :func:`commit_dir`; on any failure the
+    temporary directory is removed and ``target`` is left as it was."""
+    tmp = temp_dir_for(target)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_dir(tmp, target, kind, fields)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -94,10 +119,8 @@ CKPT_MANIFEST_GLOB = "manifest.rank*.json"
 def write_checkpoint_manifest(d: str | Path, rank: int, writers: int, fields: dict[str, Any] | None = None) -> None:
     """List (size, sha256) every file this rank wrote into checkpoint directory ``d``; call it last."""
     d = Path(d)
-    files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(("manifest.rank", ".manifest")))
     manifest = {"kind": "checkpoint", "rank": rank, "writers": writers, **(fields or {}),
-                "files": [{"path": str(p.relative_to(d)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
-                          for p in files]}
+                "files": _file_entries(d, lambda name: name.startswith(("manifest.rank", ".manifest")))}
     part = d / f".manifest.rank{rank}.json.part"
     part.write_text(json.dumps(manifest, indent=1, default=str))
     os.rename(part, d / f"manifest.rank{rank}.json")
@@ -124,9 +147,8 @@ def check_checkpoint(directory: str | Path, rerun: str, verify: bool = False) ->
         raise ArtifactError(f"{d}: manifests of {len(manifests)} of its {writers} writing ranks, so an incomplete "
                             f"checkpoint; run {rerun} again")
     for m in manifests:
-        for f in m.get("files", []):
-            p = d / f["path"]
-            if not p.is_file() or p.stat().st_size != f["bytes"] or (verify and _sha256(p) != f["sha256"]):
-                raise ArtifactError(f"{p}: missing or changed since rank {m['rank']} wrote the checkpoint; run "
-                                    f"{rerun} again")
+        changed = _first_changed(d, m.get("files", []), verify)
+        if changed is not None:
+            raise ArtifactError(f"{changed}: missing or changed since rank {m['rank']} wrote the checkpoint; run "
+                                f"{rerun} again")
     return manifests

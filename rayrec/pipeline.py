@@ -122,15 +122,16 @@ def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print) ->
                  f"{cfg.distill.method}")
         summaries[s.label] = fit(cfg, prepared=prepared, progress=progress)
     # the report directory is written beside its target and committed whole with a checksummed manifest
-    from rayrec.artifacts import commit_dir, temp_dir_for
+    from rayrec.artifacts import write_dir
 
-    tmp = temp_dir_for(out)
-    compare_report(summaries, tmp, latency_users=pc.latency_users,
-                   progress=lambda s: progress(s.replace(str(tmp), str(out))))
-    manifest = {
-        "name": pc.name, "prepared": str(prepared), "teacher_checkpoint": str(teacher["checkpoint"]),
-        "ranking": str(ranking), "students": {k: v.get("checkpoint") for k, v in summaries.items()},
-        "report": str(out / "compare.md"), "total_s": round(time.perf_counter() - t0, 1),
-    }
-    (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=1))
-    return commit_dir(tmp, out, "pipeline_report", {"name": pc.name})
+    def write(tmp: Path) -> None:
+        compare_report(summaries, tmp, latency_users=pc.latency_users,
+                       progress=lambda s: progress(s.replace(str(tmp), str(out))))
+        manifest = {
+            "name": pc.name, "prepared": str(prepared), "teacher_checkpoint": str(teacher["checkpoint"]),
+            "ranking": str(ranking), "students": {k: v.get("checkpoint") for k, v in summaries.items()},
+            "report": str(out / "compare.md"), "total_s": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=1))
+
+    return write_dir(out, "pipeline_report", {"name": pc.name}, write)

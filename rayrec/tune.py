@@ -260,17 +260,10 @@ def write_report(grid, spec: TuneSpec, out: Path, history: Path, command: str | 
     """``report.md``, ``results.csv``, plots and ``best.yaml`` from a Tune ``ResultGrid`` and the per-epoch
     ``history`` (JSON lines) of every trial, written into a temporary directory beside ``out`` and committed with
     a checksummed ``manifest.json`` (rayrec.artifacts): ``out`` holds the previous report or the new one, whole."""
-    from rayrec.artifacts import commit_dir, temp_dir_for
+    from rayrec.artifacts import write_dir
 
-    tmp = temp_dir_for(out)
-    try:
-        _write_report_files(grid, spec, tmp, history, command)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return commit_dir(tmp, out, "tune_report", {"name": spec.name, "metric": spec.metric, "command": command})
+    return write_dir(out, "tune_report", {"name": spec.name, "metric": spec.metric, "command": command},
+                     lambda tmp: _write_report_files(grid, spec, tmp, history, command))
 
 
 def _write_report_files(grid, spec: TuneSpec, out: Path, history: Path, command: str | None) -> None:
