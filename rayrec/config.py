@@ -116,6 +116,9 @@ class TrainConfig:
     shuffle_buffer: int = 16_384  # rows of the worker-side shuffle buffer (shuffle=blocks)
     materialize: bool = True  # keep the train rows in Ray's object store across epochs (False: re-read parquet)
     read_blocks: int = 64  # blocks the materialised train rows are cut into (unit of block-order shuffling)
+    # splits up to this size (MiB of parquet) are read by the driver and put into the object store directly; larger
+    # ones are read by Ray Data tasks across the cluster
+    driver_read_mb: float = 256.0
     checkpoint_every: int = 1  # epochs between checkpoints (each carries the metrics)
     num_to_keep: int = 2  # checkpoints kept by Ray Train
     threads_per_worker: int = 0  # torch threads in each worker; 0 = cores // workers (at least 1)
@@ -136,8 +139,8 @@ class TrainConfig:
         for k in ("max_epochs", "batch_size", "num_negatives", "patience", "checkpoint_every", "num_to_keep"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"train.{k} must be > 0, got {getattr(self, k)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError("train.lr must be > 0 and train.weight_decay >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.driver_read_mb < 0:
+            raise ConfigError("train.lr must be > 0, train.weight_decay and train.driver_read_mb >= 0")
         if self.max_failures < -1:
             raise ConfigError(f"train.max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
         if self.fault_step < -1 or self.fault_rank < 0:
