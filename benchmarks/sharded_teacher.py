@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.ranking import matmul_rate  # noqa: E402
 from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
 
 KEYS = ["test/H@5", "test/N@5", "test/M@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20",
@@ -102,21 +103,6 @@ def measure_memory(world: int, users: int, items: int, dim: int, steps: int) -> 
     est = table_bytes_per_worker(model_tables("bpr", users, items, dim), "row_wise", "exact_rowwise_adagrad", world)
     return {"ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),
             "base_mib": max(r["base_mib"] for r in ranks), "estimate_mib": est / 2**20}
-
-
-def matmul_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
-    """fp32 dense matmul FLOP/s of this machine with ``threads`` threads (best of ``reps``)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(old)
-    return 2 * n**3 / best
 
 
 def main(argv: list[str] | None = None) -> Path:

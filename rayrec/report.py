@@ -60,8 +60,7 @@ def compare_report(summaries: dict[str, dict], out, latency_users: int = 64, k: 
         row.update({key: m[key] for key in default_metric_keys(m)})
         try:
             module = serving_module(load_dense_model(s["checkpoint"], s.get("prepared")), k)
-            users = torch.randint(0, module.users_m.shape[0] if module.kind == "dot" else module.gmf_user.shape[0],
-                                  (latency_users,))
+            users = torch.randint(0, module.inner.num_users(), (latency_users,))
             row.update({f"top{k}_{q}": v for q, v in latency(module, users).items()})
         except Exception as e:  # noqa: BLE001 - a teacher too large for one process: no latency, said so
             row[f"top{k}_p50_ms"] = None

@@ -29,54 +29,123 @@ KIND = "exported_student"
 RERUN = "jobs/export.py --checkpoint <student run checkpoint>"
 
 
-class TopK(nn.Module):
-    """Top-``k`` items of every user in a batch, over all items (no training state)."""
+def grouped_topk(scores: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(scores, k, dim=1)`` for ``scores`` ``[B, I]`` (``I`` a multiple of ``group``, padding ``-inf``)
+    in two cheap levels: the maximum of every group of ``group`` consecutive items, the ``k`` best groups by that
+    maximum, then the top ``k`` of those groups' ``k * group`` items. Exact: an item outside the ``k`` best groups
+    has ``k`` group maxima (each a distinct item) at least as large, so it is not in the top ``k`` (ties aside).
+    About 3x cheaper than one ``topk`` over ``I`` items on CPU, which dominates a small student's serving time."""
+    B, I = scores.shape
+    s3 = scores.view(B, I // group, group)  # [B, G, g]
+    _, best = torch.topk(s3.amax(dim=2), k, dim=1)  # [B, k] groups
+    cand = torch.gather(s3, 1, best.unsqueeze(-1).expand(-1, -1, group)).reshape(B, k * group)  # [B, k·g]
+    values, pos = torch.topk(cand, k, dim=1)  # [B, k]
+    return values, torch.gather(best, 1, pos // group) * group + pos % group
 
-    def __init__(self, kind: str, tensors: dict[str, Tensor], k: int = 20) -> None:
+
+class TopK(nn.Module):
+    """Top-``k`` items of every user in a batch, over all items (no training state).
+
+    Scores are computed per chunk of ``item_chunk`` items (one chunk up to 2^18 items), each chunk's top ``k`` by
+    :func:`grouped_topk`, merged with one last ``topk``; the item loop is static, so ``torch.export`` keeps it.
+    Large batches go through :class:`BlockedTopK` (blocks of users, so a score block stays ~16 MiB)."""
+
+    def __init__(self, kind: str, tensors: dict[str, Tensor], k: int = 20, group: int = 64,
+                 item_chunk: int = 1 << 18) -> None:
         super().__init__()
         self.kind, self.k = kind, k
         if kind == "dot":
             self.register_buffer("users_m", tensors["user"].detach().clone().contiguous())  # [U, D]
             self.register_buffer("items_t", tensors["item"].detach().t().contiguous())  # [D, I]
+            self.num_items = int(tensors["item"].shape[0])
         elif kind == "neumf":
             for name in ("gmf_user", "gmf_item", "mlp_user", "mlp_item", "mlp_w", "mlp_b", "pred_w", "pred_b"):
                 self.register_buffer(name, tensors[name].detach().clone().contiguous())
+            self.num_items = int(tensors["gmf_item"].shape[0])
         else:
             raise ValueError(f"unknown serving kind {kind!r}")
+        n = self.num_items
+        self.chunks = [(a, min(a + item_chunk, n)) for a in range(0, n, item_chunk)]
+        # the grouped top-k pays off only with many groups per chunk; otherwise one plain topk
+        self.group = group if min(b - a for a, b in self.chunks) >= 4 * k * group else 0
 
-    def scores(self, users: Tensor) -> Tensor:
+    def num_users(self) -> int:
+        return int((self.users_m if self.kind == "dot" else self.gmf_user).shape[0])
+
+    def scores(self, users: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Scores of ``users`` ``[B]`` for items ``start:stop`` (default all) -> ``[B, stop - start]``."""
+        stop = self.num_items if stop is None else stop
         if self.kind == "dot":
-            return self.users_m[users] @ self.items_t  # [B, I]
-        B, I = users.shape[0], self.gmf_item.shape[0]
-        gmf = self.gmf_user[users].unsqueeze(1) * self.gmf_item.unsqueeze(0)  # [B, I, D]
-        x = torch.cat([self.mlp_user[users].unsqueeze(1).expand(B, I, -1),
-                       self.mlp_item.unsqueeze(0).expand(B, I, -1)], dim=-1)  # [B, I, 2D]
-        h = torch.relu(x @ self.mlp_w.t() + self.mlp_b)  # [B, I, D]
-        return (torch.cat([gmf, h], dim=-1) @ self.pred_w.t() + self.pred_b).squeeze(-1)  # [B, I]
+            return self.users_m[users] @ self.items_t[:, start:stop]  # [B, I_c]
+        B, n = users.shape[0], stop - start
+        gmf = self.gmf_user[users].unsqueeze(1) * self.gmf_item[start:stop].unsqueeze(0)  # [B, I_c, D]
+        x = torch.cat([self.mlp_user[users].unsqueeze(1).expand(B, n, -1),
+                       self.mlp_item[start:stop].unsqueeze(0).expand(B, n, -1)], dim=-1)  # [B, I_c, 2D]
+        h = torch.relu(x @ self.mlp_w.t() + self.mlp_b)  # [B, I_c, D]
+        return (torch.cat([gmf, h], dim=-1) @ self.pred_w.t() + self.pred_b).squeeze(-1)  # [B, I_c]
 
     def forward(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        scores, items = torch.topk(self.scores(users), self.k, dim=1)  # a plain tuple: torch.export can save it
-        return scores, items
+        values, items = [], []
+        for a, b in self.chunks:
+            s = self.scores(users, a, b)  # [B, I_c]
+            if self.group:
+                pad = -(b - a) % self.group
+                if pad:
+                    s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
+                v, i = grouped_topk(s, self.k, self.group)
+            else:
+                v, i = torch.topk(s, min(self.k, b - a), dim=1)
+            values.append(v)
+            items.append(i + a)
+        if len(self.chunks) == 1:
+            return values[0], items[0]  # a plain tuple: torch.export can save it
+        v, pos = torch.topk(torch.cat(values, dim=1), self.k, dim=1)
+        return v, torch.gather(torch.cat(items, dim=1), 1, pos)
+
+
+class BlockedTopK(nn.Module):
+    """A top-``k`` module applied to blocks of at most ``block`` users (each block's scores stay in cache-sized
+    memory; one ``[B, I]`` block for 1024 users x 25k items would be 100 MiB). ``block=0``: one call."""
+
+    def __init__(self, inner: nn.Module, block: int) -> None:
+        super().__init__()
+        self.inner, self.block = inner, block
+
+    def forward(self, users: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.block or users.shape[0] <= self.block:
+            return self.inner(users)
+        outs = [self.inner(u) for u in users.split(self.block)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def user_block(num_items: int, budget_mb: float = 16.0) -> int:
+    """Users per serving block so one block's fp32 scores stay within ``budget_mb`` (at least 1)."""
+    return max(1, int(budget_mb * 2**20 / 4 / max(num_items, 1)))
 
 
 @torch.no_grad()
-def serving_module(model: nn.Module, k: int = 20) -> TopK:
-    """The :class:`TopK` of a trained dense model (BPR, LightGCN: propagated once; NeuMF)."""
+def serving_module(model: nn.Module, k: int = 20) -> BlockedTopK:
+    """The top-``k`` serving module of a trained dense model (BPR, LightGCN: propagated once; NeuMF): a
+    :class:`TopK` in user blocks (:class:`BlockedTopK`)."""
     from rayrec.models import BPR, LightGCN, NeuMF
 
     model.eval()
     if isinstance(model, LightGCN):
         U, I = model.propagate()
-        return TopK("dot", {"user": U.detach().clone(), "item": I.detach().clone()}, k)
-    if isinstance(model, BPR):
-        return TopK("dot", {"user": model.user_emb.weight.detach().clone(),
-                            "item": model.item_emb.weight.detach().clone()}, k)
-    if isinstance(model, NeuMF):
-        return TopK("neumf", {"gmf_user": model.gmf_user.weight, "gmf_item": model.gmf_item.weight,
-                              "mlp_user": model.mlp_user.weight, "mlp_item": model.mlp_item.weight,
-                              "mlp_w": model.mlp.weight, "mlp_b": model.mlp.bias,
-                              "pred_w": model.predict.weight, "pred_b": model.predict.bias}, k)
-    raise TypeError(f"no serving module for {type(model).__name__}")
+        top = TopK("dot", {"user": U.detach().clone(), "item": I.detach().clone()}, k)
+    elif isinstance(model, BPR):
+        top = TopK("dot", {"user": model.user_emb.weight.detach().clone(),
+                           "item": model.item_emb.weight.detach().clone()}, k)
+    elif isinstance(model, NeuMF):
+        top = TopK("neumf", {"gmf_user": model.gmf_user.weight, "gmf_item": model.gmf_item.weight,
+                             "mlp_user": model.mlp_user.weight, "mlp_item": model.mlp_item.weight,
+                             "mlp_w": model.mlp.weight, "mlp_b": model.mlp.bias,
+                             "pred_w": model.predict.weight, "pred_b": model.predict.bias}, k)
+    else:
+        raise TypeError(f"no serving module for {type(model).__name__}")
+    # NeuMF builds [B, I, ~4D] intermediates per block; dot models only the [B, I] scores
+    width = 1 if top.kind == "dot" else 4 * top.gmf_item.shape[1]
+    return BlockedTopK(top, user_block(min(top.num_items, 1 << 18) * width))
 
 
 def _summary(checkpoint: Path) -> dict:
@@ -136,18 +205,18 @@ def export_student(checkpoint: str | Path, out: str | Path, k: int = 20, prepare
         example = (torch.arange(min(2, pd.num_users)),)
         fmt, why = "torch.export", None
         try:
-            ep = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            ep = torch.export.export(module.inner, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
             torch.export.save(ep, tmp / "student.pt2")
         except Exception as e:  # noqa: BLE001 - fall back to TorchScript, the reason recorded in the manifest
             fmt, why = "torchscript", f"{type(e).__name__}: {e}"[:500]
-            torch.jit.save(torch.jit.trace(module, example), tmp / "student.ts")
+            torch.jit.save(torch.jit.trace(module.inner, example), tmp / "student.ts")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"id": np.arange(pd.num_users), "raw_id": pd.user_raw()}), tmp / "user_map.parquet")
         pq.write_table(pa.table({"id": np.arange(pd.num_items), "raw_id": pd.item_raw()}), tmp / "item_map.parquet")
         commit_dir(tmp, out, KIND, {
-            "format": fmt, "k": k, "model": s["config"]["model"], "num_users": pd.num_users,
+            "format": fmt, "k": k, "user_block": module.block, "model": s["config"]["model"], "num_users": pd.num_users,
             "num_items": pd.num_items, "num_parameters": sum(int(b.numel()) for b in module.buffers()),
             "source_checkpoint": str(ck.resolve()), "distill_method": s["config"].get("distill", {}).get("method"),
             "export_fallback_reason": why,
@@ -162,9 +231,9 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     """``(module, manifest)`` of an exported student (refused without a complete manifest)."""
     m = read_manifest(path, KIND, RERUN)
     p = Path(path)
-    if m["format"] == "torch.export":
-        return torch.export.load(p / "student.pt2").module(), m
-    return torch.jit.load(p / "student.ts"), m
+    inner = torch.export.load(p / "student.pt2").module() if m["format"] == "torch.export" else torch.jit.load(
+        p / "student.ts")
+    return BlockedTopK(inner, int(m.get("user_block", 0))), m
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rayrec.config import ExperimentConfig, resolve_storage_root
+from rayrec.config import ExperimentConfig, TrainConfig, resolve_storage_root
 from rayrec.errors import ConfigError, NonFiniteError
 
 
@@ -187,6 +187,46 @@ def _small_dataset(path: Path, limit_mb: float):
     return ray.data.read_parquet(str(path))
 
 
+def train_dataset(tc: TrainConfig, prepared: Path | str):
+    """The Ray Dataset of the prepared train interactions (``user``, ``item``) as every run streams it: read once
+    and materialised in ``read_blocks`` blocks, each epoch a new seeded block order (``shuffle=blocks``) or a global
+    shuffle; each worker gets an equal shard of it (``DataConfig``)."""
+    import ray.data
+
+    train_dir = Path(prepared) / "train"
+    if tc.materialize and _parquet_mb(train_dir) <= tc.driver_read_mb:
+        # small splits: the driver reads the rows and puts `read_blocks` blocks into the object store itself (no
+        # Ray Data read tasks, whose worker start-up cost ~5 s per run on 2 cores)
+        train_ds = _driver_blocks(train_dir, ["user", "item"], tc.read_blocks,
+                                  tc.seed if tc.shuffle == "blocks" else None)
+    else:
+        train_ds = ray.data.read_parquet(str(train_dir)).select_columns(["user", "item"])
+        if tc.shuffle == "blocks":  # one full shuffle up front, so blocks are random subsets of the rows
+            train_ds = train_ds.random_shuffle(seed=tc.seed)
+        if tc.materialize:  # read once; every epoch then streams from the object store (~0.2 s vs ~3 s per epoch)
+            train_ds = train_ds.repartition(tc.read_blocks).materialize()
+    seed = ray.data.RandomSeedConfig(seed=tc.seed, reseed_after_execution=True)  # new order every epoch, reproducible
+    if tc.shuffle == "global":
+        train_ds = train_ds.random_shuffle(seed=seed)
+    elif tc.shuffle == "blocks":
+        train_ds = train_ds.randomize_block_order(seed=seed)
+    return train_ds
+
+
+def train_data_config(tc: TrainConfig, side_inputs: bool = False):
+    """Ray Train's ``DataConfig`` for :func:`train_dataset`: only ``train`` is split over the workers (side inputs
+    such as the teacher's lists reach every worker whole); ``deterministic``: the same blocks reach the same rank
+    in the same order on every run (and after a restart). ``None``: Ray's default."""
+    import ray.train
+
+    if tc.deterministic:
+        opts = ray.train.DataConfig.default_ingest_options()
+        opts.preserve_order = True
+        return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": opts},
+                                    enable_shard_locality=False)
+    return ray.train.DataConfig(datasets_to_split=["train"]) if side_inputs else None
+
+
 def fit(
     cfg: ExperimentConfig,
     *,
@@ -234,27 +274,9 @@ def fit(
     init_ray(cfg.ray)
     storage = resolve_storage_root(cfg) / "ray_train"
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # [ray] stream the prepared train interactions; each worker gets an equal shard
     tc = cfg.train
-    train_dir = Path(prepared) / "train"
-    if tc.materialize and _parquet_mb(train_dir) <= tc.driver_read_mb:
-        # small splits: the driver reads the rows and puts `read_blocks` blocks into the object store itself (no
-        # Ray Data read tasks, whose worker start-up cost ~5 s per run on 2 cores)
-        train_ds = _driver_blocks(train_dir, ["user", "item"], tc.read_blocks,
-                                  tc.seed if tc.shuffle == "blocks" else None)
-    else:
-        train_ds = ray.data.read_parquet(str(train_dir)).select_columns(["user", "item"])
-        if tc.shuffle == "blocks":  # one full shuffle up front, so blocks are random subsets of the rows
-            train_ds = train_ds.random_shuffle(seed=tc.seed)
-        if tc.materialize:  # read once; every epoch then streams from the object store (~0.2 s vs ~3 s per epoch)
-            train_ds = train_ds.repartition(tc.read_blocks).materialize()
-    seed = ray.data.RandomSeedConfig(seed=tc.seed, reseed_after_execution=True)  # new order every epoch, reproducible
-    if tc.shuffle == "global":
-        train_ds = train_ds.random_shuffle(seed=seed)
-    elif tc.shuffle == "blocks":
-        train_ds = train_ds.randomize_block_order(seed=seed)
+    train_ds = train_dataset(tc, prepared)
     datasets = {"train": train_ds}
-    data_config = None
     ranking = _ranking_for(cfg)
     if ranking is not None:
         # [ray] the teacher's top-N lists stream to every worker through Ray Data (not split: each worker needs
@@ -265,13 +287,7 @@ def fit(
             for kind in ("user", "item"):
                 datasets[f"teacher_{kind}_nn"] = _small_dataset(Path(ranking["path"]) / f"{kind}_neighbors",
                                                                 tc.driver_read_mb)
-        data_config = ray.train.DataConfig(datasets_to_split=["train"])
-    if tc.deterministic:
-        # [ray] the same blocks reach the same rank in the same order on every run (and after a restart)
-        opts = ray.train.DataConfig.default_ingest_options()
-        opts.preserve_order = True
-        data_config = ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": opts},
-                                           enable_shard_locality=False)
+    data_config = train_data_config(tc, side_inputs=ranking is not None)
     rc = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -82,3 +82,38 @@ def test_derrd_citeulike_smoke(ray_session, tmp_path):
     assert rows["bpr_de_rrd"]["extra"]["num_parameters"] == rows["bpr_none"]["extra"]["num_parameters"]
     assert rows["bpr_de_rrd"]["extra"]["paper"]["test/H@5"] == 0.4843
     assert (Path(doc_path := REPO / "benchmarks/results/smoke/derrd_citeulike.md")).read_text().count("| bpr_") == 3, doc_path
+
+
+def test_latency_smoke():
+    from benchmarks.latency import main
+
+    doc = _check_format(main(["--smoke"]))
+    assert [r["extra"]["batch"] for r in doc["rows"]] == [1, 64]
+    for r in doc["rows"]:  # the exported student ranks exactly like one matmul + topk
+        assert r["extra"]["same_top_k_as_naive"] and r["extra"]["latency_ratio"] > 0
+        assert r["timing"]["student_p50_ms"] <= r["timing"]["student_p90_ms"] <= r["timing"]["student_p99_ms"]
+        assert r["extra"]["teacher_params"] == 10 * r["extra"]["student_params"]  # d=200 vs d=20
+
+
+def test_ranking_and_memory_smokes():
+    from benchmarks.memory import main as memory
+    from benchmarks.ranking import main as ranking
+
+    (row,) = _check_format(ranking(["--smoke"]))["rows"]
+    assert row["extra"]["users"] == 2000 and 0 < row["extra"]["matmul_ratio"] < 1.5
+    rows = _check_format(memory(["--smoke"]))["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2]
+    # each of 2 workers holds half the rows: its table estimate halves, and so does its growth above the runtime
+    assert rows[1]["extra"]["tables_estimate_mib"] == pytest.approx(rows[0]["extra"]["tables_estimate_mib"] / 2, rel=0.01)
+    assert rows[0]["extra"]["above_base_ws2_vs_ws1_ratio"] < 0.65  # ~0.53 measured
+
+
+@pytest.mark.ray
+def test_data_path_smoke(ray_session):
+    from benchmarks.data_path import main
+
+    rows = {r["label"]: r for r in _check_format(main(["--smoke"]))["rows"]}
+    assert set(rows) == {"synthetic_200000_pyarrow", "synthetic_200000_ray_w1"}
+    # every row reached the loop once per epoch (checked inside), at a measured rate
+    assert rows["synthetic_200000_ray_w1"]["extra"]["rows"] == 200_000
+    assert 0 < rows["synthetic_200000_ray_w1"]["extra"]["ray_vs_pyarrow_ratio"] < 10

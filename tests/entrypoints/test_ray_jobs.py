@@ -1,6 +1,6 @@
 """The jobs against a real cluster: a local head (`ray start --head --block` on loopback, stopped at the end by
-ending that process, never `ray stop`), `ray job submit --working-dir .` of prepare_data, train_teacher,
-rank_teacher and a 1-epoch distill, each stage reading the previous one's artifact by path."""
+ending that process, never `ray stop`), `ray job submit --working-dir .` of train_teacher (which prepares the
+data), rank_teacher and a 1-epoch distill, each stage reading the previous one's artifact by path."""
 
 import json
 import os
@@ -77,15 +77,14 @@ def _submit(head, *job) -> str:
 def test_jobs_submitted_to_a_local_head_chain_their_artifacts(head, tmp_path):
     root = f"storage_root={tmp_path}"
     data = ["--config", "configs/data/ml100k.yaml", root, "data.num_eval_negatives=99"]
-    out = _submit(head, "jobs/prepare_data.py", *data)
-    prepared = Path(out.split("prepared data: ")[1].split()[0])
-    assert (prepared / "manifest.json").exists() and prepared.is_relative_to(tmp_path)
-
+    # the teacher job prepares the data itself (jobs/prepare_data.py alone: tests/entrypoints/test_teacher_jobs.py)
     teacher = [*data, "model.dim=8", "model.sharding=row_wise", "train.max_epochs=1", "eval.full=false",
                "name=jt", "train.lr=0.1", "train.weight_decay=0"]
     out = _submit(head, "jobs/train_teacher.py", *teacher)
     ckpt = out.split("teacher checkpoint: ")[1].split()[0]
     assert (Path(ckpt) / "model" / ".metadata").exists()
+    prepared = Path(json.loads((Path(ckpt) / "summary.json").read_text())["prepared"])
+    assert (prepared / "manifest.json").exists() and prepared.is_relative_to(tmp_path)
     out = _submit(head, "jobs/rank_teacher.py", *teacher, "rank.top_n=20", "--checkpoint", ckpt)
     ranking = Path(out.split("teacher ranking: ")[1].split()[0])
     assert json.loads((ranking / "manifest.json").read_text())["teacher_checkpoint"] == ckpt

@@ -74,6 +74,30 @@ def test_serving_module_ranks_like_the_model(kind):
     assert not any(b.requires_grad for b in top.buffers()) and not list(top.parameters())
 
 
+@pytest.mark.parametrize("item_chunk", [1 << 18, 1000, 1700])
+def test_grouped_chunked_blocked_topk_equals_one_topk(item_chunk):
+    # 3000 items: two-level grouped top-k (groups of 64, k=5), item chunks merged, users in blocks of 3
+    from rayrec.serve import BlockedTopK, TopK, grouped_topk
+
+    torch.manual_seed(0)
+    U, I, D = 10, 3000, 6
+    tensors = {"user": torch.randn(U, D), "item": torch.randn(I, D)}
+    top = TopK("dot", tensors, k=5, item_chunk=item_chunk)
+    assert top.group == (64 if item_chunk > 1280 else 0) and len(top.chunks) == -(-I // item_chunk)
+    users = torch.tensor([9, 0, 3, 3, 7, 1, 2])
+    want = (tensors["user"][users] @ tensors["item"].t()).topk(5, dim=1)
+    for module in (top, BlockedTopK(top, 3)):
+        values, items = module(users)
+        torch.testing.assert_close(values, want.values)
+        assert torch.equal(items, want.indices)
+    # the best items all in one group, and -inf padding never chosen
+    s = torch.full((2, 512), -1.0)
+    s[0, 64:69] = torch.arange(5.0)
+    s[1, 500:] = float("-inf")
+    v, i = grouped_topk(s, 5, 64)
+    assert i[0].tolist() == [68, 67, 66, 65, 64] and (v[1] == -1).all() and (i[1] < 500).all()
+
+
 def test_export_roundtrip_and_id_maps(run, tmp_path):
     ck, model, pd = run
     out = export_student(ck, tmp_path / "exported", k=10)
