@@ -155,6 +155,28 @@ def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th
     return positions_from_top(merged, n_cand, th, kmax)
 
 
+def _sharded_candidate_scores(q: Tensor, cand: Tensor, shard: RowShard) -> Tensor:
+    """Dot-product scores ``[B, C]`` of this rank's users ``q`` ``[B, D]`` for their candidates ``cand``
+    ``[B, C]`` against a row-sharded item table (collective). Every rank gathers all ranks' queries and candidate
+    ids, scores the candidates among *its* rows (0 elsewhere), and the partial scores are summed over ranks: each
+    candidate row lives on exactly one rank. Moves ``W·B·(D + 2C)`` numbers instead of looking up ``B·C`` item
+    rows of ``D`` floats through the sharded tables (~10x faster for the sampled protocol's 500 candidates)."""
+    rank, W = _dist_world()
+    B, C = cand.shape
+    Bm = int(_allreduce(torch.tensor([B]), dist.ReduceOp.MAX)[0])
+    qp = torch.zeros(Bm, q.shape[1], dtype=torch.float32)
+    qp[:B] = q
+    cp = torch.full((Bm, C), -1, dtype=torch.int64)
+    cp[:B] = cand
+    Q, Cg = _gather(qp), _gather(cp)  # [W, Bm, D], [W, Bm, C]
+    rows, off = shard.rows, shard.offset
+    local = (Cg >= off) & (Cg < off + rows.shape[0])  # [W, Bm, C]
+    s = torch.zeros(W, Bm, C, dtype=torch.float32)
+    w, b, c = torch.nonzero(local, as_tuple=True)
+    s[w, b, c] = (rows[Cg[w, b, c] - off].float() * Q[w, b]).sum(dim=1)
+    return _allreduce(s)[rank, :B]  # [B, C]
+
+
 @torch.no_grad()
 def evaluate(
     model: Recommender,
@@ -197,14 +219,24 @@ def evaluate(
         chunk = max(1, cfg.memory_budget_mb * 1024 * 1024 // per_user_bytes)
         keys = [f"{m}@{k}" for k in cfg.sampled_ks for m in ("H", "N", "M")]
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        # a row-sharded dot-product model: candidates scored on the rank holding their rows
+        by_rows = shard is not None and getattr(model, "shard_dot", False)
         for c in range(_num_chunks(len(users), chunk, lockstep)):
             u = users[c * chunk : (c + 1) * chunk]  # [B]
-            if len(u) == 0:  # lockstep padding: a dummy lookup keeps the collectives matched
-                model.score(torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device))
+            if len(u) == 0:  # lockstep padding: dummy collectives keep the ranks matched
+                dummy = torch.zeros(1, dtype=torch.int64, device=device)
+                if by_rows:
+                    model.user_repr(dummy)
+                    _sharded_candidate_scores(torch.zeros(0, model.dim), torch.zeros(0, N + 1, dtype=torch.int64), shard)
+                else:
+                    model.score(dummy, dummy.view(1, 1))
                 continue
             pos = truth_csr.indices[truth_csr.indptr[u]]  # [B]
             cand = torch.cat([pos.unsqueeze(1), data.negatives[u]], dim=1)  # [B, 1 + N]
-            scores = model.score(u.to(device), cand.to(device)).float().cpu()  # [B, 1 + N]
+            if by_rows:
+                scores = _sharded_candidate_scores(model.user_repr(u.to(device))["emb"].float().cpu(), cand, shard)
+            else:
+                scores = model.score(u.to(device), cand.to(device)).float().cpu()  # [B, 1 + N]
             m = sampled_metrics(sampled_ranks(scores[:, 0], scores[:, 1:]), cfg.sampled_ks)
             sums[:-1] += torch.stack([m[k].double().sum() for k in keys])
             sums[-1] += len(u)

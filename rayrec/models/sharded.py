@@ -86,6 +86,8 @@ class ShardedBPR(Recommender):
 
     KEYS = ["user", "item"]
     one_id_per_row = False  # set by shard_model for data_parallel (see _embed)
+    # score = user row . item row: evaluation may score a rank's own item rows locally (rayrec.eval.evaluate)
+    shard_dot = True
 
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
                  device: torch.device | str = "meta") -> None:

@@ -96,6 +96,19 @@ def _local_shards(value):
     return [((0,) * value.dim(), value)]
 
 
+def owned_row_block(dmp: nn.Module, table: str) -> tuple[torch.Tensor, int]:
+    """:func:`local_row_block` for computations over "this rank's rows" (distributed ranking, evaluation): when
+    the ranks' blocks overlap (a replicated ``data_parallel`` table: every rank holds every row) rank 0 alone owns
+    them and the other ranks get an empty block, so each row counts once (collective: one all-gather)."""
+    from rayrec.distributed import all_gather_stack, world
+
+    rows, offset = local_row_block(dmp, table)
+    ends = all_gather_stack(torch.tensor([offset, offset + rows.shape[0]]))  # [W, 2]
+    if int((ends[:, 1] - ends[:, 0]).sum()) > int(ends[:, 1].max() - ends[:, 0].min()) and world()[0] != 0:
+        rows = rows[:0]
+    return rows, offset
+
+
 @torch.no_grad()
 def load_dense_state_dict(dmp: nn.Module, dense: dict[str, torch.Tensor]) -> None:
     """Copy full (unsharded) tensors into this rank's shards, in place. Keys as in ``dmp.state_dict()``."""

@@ -97,10 +97,10 @@ class ShardedWeights:
     def item_row_shard(self):
         """This rank's rows of the row-wise item table (BPR), for distributed full ranking; None otherwise."""
         from rayrec.eval.evaluate import RowShard
-        from rayrec.sharding import local_row_block
+        from rayrec.sharding.plan import owned_row_block
 
         try:
-            rows, offset = local_row_block(self.dmp, "item")
+            rows, offset = owned_row_block(self.dmp, "item")
         except (KeyError, ValueError):
             return None
         return RowShard(rows, offset)
