@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -47,11 +46,15 @@ TEACHER = [
 ]
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
 
 
 def _mem_worker(rank: int, world: int, port: int, users: int, items: int, dim: int, steps: int, out: str) -> None:
@@ -79,7 +82,8 @@ def _mem_worker(rank: int, world: int, port: int, users: int, items: int, dim: i
         loss, _ = dmp(u, p, n)
         loss.backward()
     step_s = (time.perf_counter() - t0) / max(steps, 1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM: this process image's high-water mark (ru_maxrss would keep the forking parent's RSS across exec)
+    peak = _status_mib("VmHWM")
     Path(f"{out}.{rank}").write_text(json.dumps({"base_mib": base, "after_build_mib": after_build, "peak_mib": peak,
                                                  "build_s": build_s, "step_s": step_s}))
     dist.barrier()

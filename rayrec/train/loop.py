@@ -67,8 +67,11 @@ def _save_state(d: str, optim, state: dict) -> None:
         json.dump(state, f, indent=1)
 
 
-def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank: int, ranking: dict | None):
-    """``(method, frozen teacher)`` for ``cfg.distill`` (``(None, None)`` for ``none``), built in every worker."""
+def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank: int, ranking: dict | None,
+                        stream=None):
+    """``(method, frozen teacher)`` for ``cfg.distill`` (``(None, None)`` for ``none``), built in every worker.
+    ``stream(name)``: pyarrow batches of a side input (``teacher_topn``, ``teacher_user_nn``, ``teacher_item_nn``);
+    default the whole Ray Data dataset of that name (Ray Train workers)."""
     dc = cfg.distill
     if dc.method == "none":
         return None, None
@@ -84,8 +87,10 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
             raise ValueError(f"{ranking['path']}: ranking of {ranking['num_users']} users x {ranking['num_items']} "
                              f"items, data has {pd.num_users} x {pd.num_items} (another prepared dataset?)")
 
-        def stream(name: str):  # [ray] a whole (unsplit) Ray Data dataset, batch by batch
+        def ray_stream(name: str):  # [ray] a whole (unsplit) Ray Data dataset, batch by batch
             return ray.train.get_dataset_shard(name).iter_batches(batch_size=4096, batch_format="pyarrow")
+
+        stream = stream or ray_stream
 
         if ranking.get("lists", True):
             topn, topn_scores = lists_from_tables(stream("teacher_topn"), "user", "items", pd.num_users,
@@ -102,8 +107,10 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
                           topn_scores=topn_scores, neighbors=neighbors)
     teacher = None
     if needs(dc).checkpoint and method.needs_teacher:
+        from rayrec.distributed import ensure_process_group
         from rayrec.teacher.frozen import load_frozen_teacher
 
+        ensure_process_group()  # local mode (num_workers=0) or a plain process: a 1-rank gloo group for TorchRec
         teacher = load_frozen_teacher(dc.teacher.checkpoint, name=dc.teacher.name, num_users=pd.num_users,
                                       num_items=pd.num_items, dim=dc.teacher.dim, sharding_type=dc.teacher.sharding,
                                       device=device, layers=dc.teacher.layers, graph=(pd.train_user, pd.train_item))
@@ -111,6 +118,19 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
     _log(rank, f"[distill] {dc.method}: {n:,} training-only parameters"
                f"{'; teacher ' + dc.teacher.name + ' d=' + str(dc.teacher.dim) + ' ' + dc.teacher.sharding if teacher else ''}")
     return method.to(device), teacher
+
+
+def step_loss(task, method, teacher, sampler, users, pos, num_negatives: int, gen, device):
+    """One step's loss for ``users`` ``[B]`` and their positives ``pos`` ``[B]``: fresh negatives ``[B, N]``, the
+    teacher's answer to the method's request, the task's forward -> ``(loss, {term: value})``."""
+    neg = sampler.sample(users, num_negatives, gen)  # [B, N]
+    users, pos, neg = users.to(device), pos.to(device), neg.to(device)
+    if method is None:
+        return task(users, pos, neg)
+    db = DistillBatch(users, pos, neg)
+    # [distill] teacher lookups outside the DDP forward, under no_grad (collective: every rank, every step)
+    answer = teacher.answer(method.teacher_request(db)) if method.needs_teacher else None
+    return task(users, pos, neg, db, answer)
 
 
 def epoch_batches(shard, tc, per_worker_batch: int, epoch: int):
@@ -281,16 +301,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
         task.train()
         # [ray] this worker's shard, re-streamed and locally shuffled every epoch
         for batch in epoch_batches(shard, tc, per_worker_batch, epoch):
-            users, pos = batch["user"], batch["item"]  # [B], [B]
-            neg = sampler.sample(users, tc.num_negatives, gen)  # [B, N]
-            users, pos, neg = users.to(device), pos.to(device), neg.to(device)
-            if method is None:
-                loss, terms = task(users, pos, neg)
-            else:
-                db = DistillBatch(users, pos, neg)
-                # [distill] teacher lookups outside the DDP forward, under no_grad (collective: every rank, every step)
-                answer = teacher.answer(method.teacher_request(db)) if method.needs_teacher else None
-                loss, terms = task(users, pos, neg, db, answer)
+            users = batch["user"]  # [B]
+            loss, terms = step_loss(task, method, teacher, sampler, users, batch["item"], tc.num_negatives, gen,
+                                    device)
             if optim is not None:
                 optim.zero_grad(set_to_none=True)
             if tc.fault_step == state["step"] and rank == tc.fault_rank and not os.path.exists(config["fault_marker"]):

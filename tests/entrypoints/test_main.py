@@ -53,6 +53,19 @@ def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, t
     model = torch.load(Path(manifest["students"]["bpr_de_rrd"]) / "model.pt")
     assert model.keys() == {"user_emb.weight", "item_emb.weight"}  # experts and selection nets are not exported
 
+    # benchmarks/train_speed.py --smoke on this teacher and ranking, plain loop only (its Ray runs are the ones above):
+    # the student alone and DE-RRD in one process, the sharded teacher over a 1-rank gloo group
+    from benchmarks.train_speed import main as speed
+
+    tp, mc = speed([f"storage_root={tmp_path}", *ml100k, "--smoke", "--teacher-checkpoint",
+                    manifest["teacher_checkpoint"], "--ranking", manifest["ranking"], "--methods", "none", "de_rrd",
+                    "--workers", "0"])
+    tput = {r["label"]: r for r in json.loads(tp.read_text())["rows"]}
+    assert set(tput) == {"none_plain", "de_rrd_plain"} and all(r["timing"]["rows_per_s"] > 0 for r in tput.values())
+    cost = {r["label"]: r["extra"]["epoch_ratio"] for r in json.loads(mc.read_text())["rows"]}
+    assert cost["none"] == 1.0 and cost["de_rrd"] > 1.0  # DE-RRD costs more than the student alone
+    assert not torch.distributed.is_initialized()  # the 1-rank group is gone with the run
+
 
 def test_bad_config_fails_in_one_line_before_ray(tmp_path):
     t0 = time.perf_counter()

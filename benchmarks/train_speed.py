@@ -1,0 +1,181 @@
+"""Training speed: Ray Train throughput vs a plain process, and each method's epoch cost, from the same runs.
+
+    RAYREC_DATA=../shared/data .venv/bin/python benchmarks/train_speed.py --teacher-checkpoint <ckpt> \
+        [--ranking <rank_teacher output with top-500 and 5 user/item neighbours>]
+
+On CiteULike-t's DE-RRD split, a BPR d=20 student with each method (student alone ``none``, ``de``, ``rrd``,
+``de_rrd``, ``mkd``; the paper-default configs, ``configs/distill/``) distilled from the given sharded BPR
+teacher, for ``--epochs`` measured epochs after one warm-up epoch, trained three ways:
+
+- ``plain``: :func:`rayrec.train.plain.plain_epochs`, the loop's steps in this process (1 thread, no Ray);
+- ``ray_w1``, ``ray_w2``: ``rayrec.train.fit`` through Ray Train with 1 and 2 workers of 1 thread each (Ray Data
+  ingest, DDP, the frozen teacher sharded over the workers), timing the training part of each epoch.
+
+Two result files:
+
+- ``throughput.json``: interactions/s per row; ``extra.ray_vs_plain_per_core_ratio`` = (Ray rows/s / workers)
+  / plain rows/s (target >= 0.8).
+- ``method_cost.json``: per method, the 1-worker epoch time / the student-alone epoch time
+  (``extra.epoch_ratio``; targets DE <= 6, RRD <= 2), and ``full_eval``: the full-ranking evaluation of every user
+  (test split, Recall/NDCG@20, 1 thread) / one student-alone epoch (``extra.eval_vs_student_epoch_ratio``, target
+  <= 1).
+
+Without ``--ranking`` the teacher is ranked first (top-500, 5 user and item neighbours). ``--smoke``: ML-100K,
+the given teacher (e.g. the test suite's), 1 measured epoch, ``ray.num_workers`` from ``--workers``, into
+``benchmarks/results/smoke/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
+
+METHODS = ["none", "de", "rrd", "de_rrd", "mkd"]
+DISTILL = {"none": "distill/de_rrd", "de": "distill/de_rrd", "rrd": "distill/de_rrd", "de_rrd": "distill/de_rrd",
+           "mkd": "distill/mkd"}
+
+
+def _config(args, method: str, teacher: dict, ranking: str, overrides: list[str]):
+    data = "data/ml100k" if args.smoke else "data/citeulike_t_derrd"
+    extra = ["data.num_eval_negatives=99"] if args.smoke else []
+    return load_config([CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "model/bpr_d20.yaml",
+                        CONFIG_DIR / f"{DISTILL[method]}.yaml"],
+                       [f"name=speed_{method}", f"distill.method={method}",
+                        f"distill.teacher.checkpoint={teacher['checkpoint']}", f"distill.teacher.ranking={ranking}",
+                        f"distill.teacher.name={teacher['name']}", f"distill.teacher.dim={teacher['dim']}",
+                        f"train.max_epochs={args.epochs + 1}", "train.patience=1000", "train.threads_per_worker=1",
+                        "eval.full=false", *extra, *args.overrides, *overrides])
+
+
+def _rate(epochs: list[dict]) -> tuple[float, float]:
+    """(rows/s, mean epoch s) over the measured epochs (the first is a warm-up)."""
+    m = epochs[1:] or epochs
+    s = sum(e["s"] for e in m)
+    return sum(e["rows"] for e in m) / s, s / len(m)
+
+
+def main(argv: list[str] | None = None) -> tuple[Path, Path]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher-checkpoint", required=True)
+    ap.add_argument("--ranking", default=None)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2],
+                    help="Ray Train worker counts; 0 alone: the plain loop only (method costs from it)")
+    ap.add_argument("--epochs", type=int, default=2, help="measured epochs (after one warm-up epoch)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. storage_root=/tmp/x")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
+    if "none" not in args.methods:
+        args.methods = ["none", *args.methods]  # every ratio is against the student alone
+    sha = commit()
+    import torch
+
+    from rayrec.data.prepared import load_prepared, prepare
+    from rayrec.eval.evaluate import EvalData, evaluate
+    from rayrec.serve import load_dense_model
+    from rayrec.train.fit import fit, prepared_root
+    from rayrec.train.plain import plain_epochs
+
+    t_summary = json.loads((Path(args.teacher_checkpoint) / "summary.json").read_text())
+    teacher = {"checkpoint": args.teacher_checkpoint, "name": t_summary["config"]["model"]["name"],
+               "dim": t_summary["config"]["model"]["dim"]}
+    ranking = args.ranking
+    if ranking is None:
+        from rayrec.teacher.rank import rank_teacher
+
+        data = "data/ml100k" if args.smoke else "data/citeulike_t_derrd"
+        rcfg = load_config([CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"],
+                           [f"model.name={teacher['name']}", f"model.dim={teacher['dim']}", "rank.top_n=500",
+                            "rank.user_neighbors=5", "rank.item_neighbors=5", *args.overrides,
+                            *(["data.num_eval_negatives=99", "rank.top_n=100"] if args.smoke else [])])
+        ranking = str(rank_teacher(rcfg, args.teacher_checkpoint))
+    smoke_mkd = ["distill.cpd.mxK=100", "distill.sld.K=10"] if args.smoke else []
+    base_cfg = _config(args, "none", teacher, ranking, [])
+    prepared = prepare(base_cfg.data, prepared_root(base_cfg), progress=lambda s: None)
+    tput, cost, epoch_s = [], [], {}
+    eval_row = None
+    for method in args.methods:
+        over = smoke_mkd if method == "mkd" else []
+        rows_s, ep = _rate(plain_epochs(_config(args, method, teacher, ranking, over), prepared, args.epochs + 1))
+        print(f"[speed] {method} plain: {rows_s:,.0f} rows/s ({ep:.2f} s/epoch)", flush=True)
+        tput.append({"label": f"{method}_plain", "model": "bpr", "method": method, "dim": 20, "world_size": 1,
+                     "timing": {"rows_per_s": round(rows_s, 1), "epoch_s": round(ep, 4)},
+                     "extra": {"threads": 1, "epochs": args.epochs}})
+        plain_rate = rows_s
+        epoch_s[method] = ep  # replaced by the first Ray run's, when there is one
+        for w in [w for w in args.workers if w > 0]:
+            s = fit(_config(args, method, teacher, ranking, [*over, f"ray.num_workers={w}"]), prepared=prepared,
+                    progress=lambda m: None)
+            hist = [{"rows": h["train/rows_per_s"] * h["time/train_s"], "s": h["time/train_s"]} for h in s["history"]]
+            r_s, r_ep = _rate(hist)
+            ratio = (r_s / max(w, 1)) / plain_rate
+            print(f"[speed] {method} ray x{w}: {r_s:,.0f} rows/s ({r_ep:.2f} s/epoch), per core {ratio:.2f}x plain",
+                  flush=True)
+            tput.append({"label": f"{method}_ray_w{w}", "model": "bpr", "method": method, "dim": 20, "world_size": w,
+                         "timing": {"rows_per_s": round(r_s, 1), "epoch_s": round(r_ep, 4)},
+                         "extra": {"threads_per_worker": 1, "epochs": args.epochs,
+                                   "ray_vs_plain_per_core_ratio": round(ratio, 4)}})
+            if w == min(w for w in args.workers if w > 0):
+                epoch_s[method] = r_ep
+                if method == "none":  # the full evaluation of every user with this student, 1 thread
+                    model = load_dense_model(s["checkpoint"], prepared)
+                    evald = EvalData.from_prepared(load_prepared(prepared))
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    t0 = time.perf_counter()
+                    m = evaluate(model, evald, "test", base_cfg.eval, sampled=False, full=True)
+                    eval_s = time.perf_counter() - t0
+                    torch.set_num_threads(threads)
+                    eval_row = {"label": "full_eval", "model": "bpr", "method": "none", "dim": 20, "world_size": 1,
+                                "metrics": {k: v for k, v in m.items() if k.startswith("full/")},
+                                "timing": {"eval_s": round(eval_s, 4)},
+                                "extra": {"users": evald.num_users, "items": evald.num_items, "threads": 1}}
+    for method in args.methods:
+        cost.append({"label": method, "model": "bpr", "method": method, "dim": 20, "world_size": max(1, min(args.workers)),
+                     "timing": {"epoch_s": round(epoch_s[method], 4)},
+                     "extra": {"epoch_ratio": round(epoch_s[method] / epoch_s["none"], 4),
+                               "target_epoch_ratio": {"de": 6.0, "rrd": 2.0}.get(method)}})
+    if eval_row is not None:
+        eval_row["extra"]["eval_vs_student_epoch_ratio"] = round(eval_row["timing"]["eval_s"] / epoch_s["none"], 4)
+        cost.append(eval_row)
+    where = RESULTS / "smoke" if args.smoke else RESULTS
+    cmd = command_line(__file__, argv)
+    paths = []
+    for name, rows, md in (("throughput", tput, _md_throughput), ("method_cost", cost, _md_cost)):
+        p = write_result(name, rows, command=cmd, path=where / f"{name}.json", commit_sha=sha)
+        p.with_suffix(".md").write_text(md(rows))
+        print(md(rows))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def _md_throughput(rows: list[dict]) -> str:
+    lines = ["| row | rows/s | epoch s | Ray per core / plain |", "|---|---|---|---|"]
+    for r in rows:
+        ratio = r["extra"].get("ray_vs_plain_per_core_ratio")
+        lines.append(f"| {r['label']} | {r['timing']['rows_per_s']:,.0f} | {r['timing']['epoch_s']:.3f} | "
+                     f"{'' if ratio is None else f'{ratio:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cost(rows: list[dict]) -> str:
+    lines = ["| row | seconds | / student-alone epoch |", "|---|---|---|"]
+    for r in rows:
+        t = r["timing"].get("epoch_s", r["timing"].get("eval_s"))
+        ratio = r["extra"].get("epoch_ratio", r["extra"].get("eval_vs_student_epoch_ratio"))
+        lines.append(f"| {r['label']} | {t:.3f} | {ratio:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
