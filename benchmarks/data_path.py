@@ -5,8 +5,9 @@
 For each dataset (the prepared CiteULike-t DE-RRD train split; a synthetic split of ``--synthetic-rows``
 interactions written as parquet):
 
-- ``pyarrow``: one process reads the split (``pyarrow.parquet.read_table``), then every epoch permutes the rows
-  and cuts ``--batch-size`` int64 torch batches: the floor any loader is measured against.
+- ``pyarrow``: one process reads the split (``pyarrow.parquet.read_table``), then every epoch does what the
+  loop's data path does without Ray: chunks of ``train.shuffle_buffer`` rows in a random order, each chunk
+  permuted and cut into ``--batch-size`` int64 torch batches.
 - ``ray_w1`` / ``ray_w2``: the train loop's own data path through Ray Train with 1 and 2 workers
   (:func:`rayrec.train.fit.train_dataset`, the run's ``DataConfig``, :func:`rayrec.train.loop.epoch_batches` with
   the local shuffle buffer), no model: rows/s summed over the workers, the epoch as long as the slowest worker.
@@ -32,23 +33,25 @@ import torch  # noqa: E402
 from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
 
 
-def pyarrow_rates(train_dir: Path, batch_size: int, epochs: int, seed: int = 0) -> dict:
+def pyarrow_rates(train_dir: Path, batch_size: int, epochs: int, chunk: int, seed: int = 0) -> dict:
+    """The same work as the loop's data path without Ray: chunks of ``chunk`` rows in a new random order each
+    epoch, each chunk permuted, cut into ``batch_size`` int64 torch batches."""
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
     table = pq.read_table(str(train_dir), columns=["user", "item"])
-    users, items = table["user"].to_numpy(), table["item"].to_numpy()
+    users, items = table["user"].to_numpy().astype(np.int64), table["item"].to_numpy().astype(np.int64)
     read_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     times, rows = [], len(users)
     for _ in range(epochs + 1):  # epoch 0: warm-up
         t = time.perf_counter()
-        order = rng.permutation(rows)
-        u, i = torch.from_numpy(users[order]), torch.from_numpy(items[order])
         check = 0
-        for a in range(0, rows, batch_size):
-            bu, bi = u[a : a + batch_size], i[a : a + batch_size]
-            check += int(bi[-1]) + 0 * len(bu)
+        for c in rng.permutation(-(-rows // chunk)):
+            order = c * chunk + rng.permutation(min(chunk, rows - c * chunk))
+            u, i = torch.from_numpy(users[order]), torch.from_numpy(items[order])
+            for a in range(0, len(order), batch_size):
+                check += int(i[a : a + batch_size][-1]) + 0 * len(u[a : a + batch_size])
         times.append(time.perf_counter() - t)
     s = sum(times[1:])
     return {"rows": rows, "read_s": round(read_s, 4), "epoch_s": round(s / epochs, 4),
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> Path:
         sets.append((f"synthetic_{args.synthetic_rows // 1_000_000 or args.synthetic_rows}"
                      f"{'m' if args.synthetic_rows >= 1_000_000 else ''}", _synthetic(Path(tmp), args.synthetic_rows)))
         for name, train_dir in sets:
-            base = pyarrow_rates(train_dir, args.batch_size, args.epochs)
+            from rayrec.config import TrainConfig
+
+            base = pyarrow_rates(train_dir, args.batch_size, args.epochs, TrainConfig().shuffle_buffer)
             print(f"[data_path] {name} pyarrow: {base['rows_per_s']:,.0f} rows/s", flush=True)
             rows.append({"label": f"{name}_pyarrow", "dataset": name, "world_size": 1,
                          "timing": {"epoch_s": base["epoch_s"], "rows_per_s": base["rows_per_s"],

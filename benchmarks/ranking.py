@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--top-n", type=int, default=500)
     ap.add_argument("--teacher-checkpoint", default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of the rank_teacher run, e.g. storage_root=/x")
     args = ap.parse_args(argv)
     sha = commit()
     from rayrec.config import CONFIG_DIR, load_config
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> Path:
         from rayrec.teacher.rank import rank_teacher
 
         tcfg = load_config([CONFIG_DIR / "data/citeulike_t_derrd.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"],
-                           [f"model.dim={args.dim}", f"rank.top_n={args.top_n}", "ray.num_workers=2"])
+                           [f"model.dim={args.dim}", f"rank.top_n={args.top_n}", "ray.num_workers=2", *args.overrides])
         out = rank_teacher(tcfg, args.teacher_checkpoint)
         info = json.loads((Path(out) / "manifest.json").read_text())
         t = info.get("timings", {})
