@@ -79,6 +79,19 @@ def write_result(name: str, rows: list[dict], command: str, path: Path | None = 
     return path
 
 
+def write_table_result(name: str, rows: list[dict], command: str, path: Path, commit_sha: str, header: list[str],
+                       cells, footer: str = "") -> Path:
+    """:func:`write_result` plus the markdown beside it (``path`` with ``.md``): a table of ``header`` with one
+    line of ``cells(row)`` per row, then ``footer``; the table is also printed."""
+    write_result(name, rows, command=command, path=path, commit_sha=commit_sha)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    text = "\n".join(lines) + "\n" + (f"\n{footer}\n" if footer else "")
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    return path
+
+
 def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected: list[str], min_seeds: int = 3) -> Path:
     """Merge the rows of every part file ``results/<name>_*.json`` (runs of one benchmark made by separate
     commands, e.g. one seed or method per session) into ``results/<name>.json`` + ``.md``.

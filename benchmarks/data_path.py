@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import RESULTS, command_line, commit, write_table_result  # noqa: E402
 
 
 def pyarrow_rates(train_dir: Path, batch_size: int, epochs: int, chunk: int, seed: int = 0) -> dict:
@@ -158,14 +158,13 @@ def main(argv: list[str] | None = None) -> Path:
                              "extra": {"rows": r["rows"], "batch_size": args.batch_size, "epochs": args.epochs,
                                        "ray_vs_pyarrow_ratio": round(ratio, 4),
                                        "train_overrides": args.train_overrides}})
-    write_result("data_path", rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
-    lines = ["| row | rows/s | epoch s | vs pyarrow |", "|---|---|---|---|"]
-    for r in rows:
+    def cells(r):
         ratio = r["extra"].get("ray_vs_pyarrow_ratio")
-        lines.append(f"| {r['label']} | {r['timing']['rows_per_s']:,.0f} | {r['timing']['epoch_s']:.3f} | "
-                     f"{'' if ratio is None else f'{ratio:.3f}'} |")
-    out_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        return [r["label"], f"{r['timing']['rows_per_s']:,.0f}", f"{r['timing']['epoch_s']:.3f}",
+                "" if ratio is None else f"{ratio:.3f}"]
+
+    write_table_result("data_path", rows, command_line(__file__, argv), out_path, sha,
+                       ["row", "rows/s", "epoch s", "vs pyarrow"], cells)
     return out_path
 
 

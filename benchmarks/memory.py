@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import RESULTS, command_line, commit, write_table_result  # noqa: E402
 from benchmarks.sharded_teacher import measure_memory  # noqa: E402
 
 
@@ -52,14 +52,11 @@ def main(argv: list[str] | None = None) -> Path:
         r["extra"]["peak_ws2_vs_ws1_ratio"] = round(ratio, 4)
         r["extra"]["above_base_ws2_vs_ws1_ratio"] = round(above, 4)
     out_path = (RESULTS / "smoke" if args.smoke else RESULTS) / "memory.json"
-    write_result("memory", rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
-    lines = ["| world size | peak MiB per worker | runtime MiB | tables (estimate) MiB | step s |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['world_size']} | {r['timing']['peak_mib']:,.0f} | {r['extra']['base_mib']:,.0f} | "
-                     f"{r['extra']['tables_estimate_mib']:,.0f} | {r['timing']['step_s']:.3f} |")
-    lines.append(f"\nPeak per worker at world size 2 / 1: **{ratio:.3f}** (above the runtime: {above:.3f}).")
-    out_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table_result("memory", rows, command_line(__file__, argv), out_path, sha,
+                       ["world size", "peak MiB per worker", "runtime MiB", "tables (estimate) MiB", "step s"],
+                       lambda r: [str(r["world_size"]), f"{r['timing']['peak_mib']:,.0f}", f"{r['extra']['base_mib']:,.0f}",
+                                  f"{r['extra']['tables_estimate_mib']:,.0f}", f"{r['timing']['step_s']:.3f}"],
+                       f"Peak per worker at world size 2 / 1: **{ratio:.3f}** (above the runtime: {above:.3f}).")
     return out_path
 
 

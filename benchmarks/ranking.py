@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import RESULTS, command_line, commit, write_table_result  # noqa: E402
 
 
 def matmul_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
@@ -118,13 +118,11 @@ def main(argv: list[str] | None = None) -> Path:
                      "extra": {"matmul_ratio": round(k["flop"] / t["topn_s"] / peak, 4),
                                "checkpoint": args.teacher_checkpoint}})
     out_path = (RESULTS / "smoke" if args.smoke else RESULTS) / "ranking.json"
-    write_result("ranking", rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
-    lines = ["| row | top-N s | users/s | share of matmul rate |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['timing']['topn_s']:.3f} | {r['timing'].get('users_per_s', U / r['timing']['topn_s']):,.0f}"
-                     f" | {r['extra']['matmul_ratio']:.3f} |")
-    out_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table_result("ranking", rows, command_line(__file__, argv), out_path, sha,
+                       ["row", "top-N s", "users/s", "share of matmul rate"],
+                       lambda r: [r["label"], f"{r['timing']['topn_s']:.3f}",
+                                  f"{r['timing'].get('users_per_s', U / r['timing']['topn_s']):,.0f}",
+                                  f"{r['extra']['matmul_ratio']:.3f}"])
     return out_path
 
 
