@@ -7,6 +7,8 @@ full item table. Writes one parquet dataset directory with a manifest (see ``ray
 
 ``--checkpoint`` is the path ``train_teacher`` printed; ``cfg.model`` must describe that teacher. ``rank.*`` sets
 N, the neighbour counts, metric and PCA; ``--out`` the output directory (default ``<storage_root>/rankings/<name>``).
+``--resume`` keeps the ranking already there when it is complete and was made from the same checkpoint, prepared
+data and ``rank.*`` config, and ranks again otherwise.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from rayrec.teacher.rank import rank_teacher  # noqa: E402
 def _args(ap) -> None:
     ap.add_argument("--checkpoint", required=True, help="the sharded teacher checkpoint (train_teacher's output)")
     ap.add_argument("--out", default=None, help="output directory (default <storage_root>/rankings/<name>)")
+    ap.add_argument("--resume", action="store_true", help="keep a complete ranking already at the output directory "
+                    "when it was made from the same checkpoint, data and rank config (else rank again)")
 
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, ns = parse_cli(argv, description=__doc__, add_args=_args)
-    out = rank_teacher(cfg, ns.checkpoint, out=ns.out)
+    out = rank_teacher(cfg, ns.checkpoint, out=ns.out, resume=ns.resume)
     print(f"\nteacher ranking: {out}")
     return out
 

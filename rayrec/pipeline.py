@@ -6,11 +6,22 @@ experiment config layers of each stage; every stage is an ordinary :func:`rayrec
 artifact by the path the previous stage recorded (the prepared data's manifest, the teacher's ``summary.json``
 checkpoint, the ranking's manifest). ``pipeline.json`` under ``<storage_root>/pipelines/<name>/`` records every
 artifact path and is written last, beside the compare report (:func:`rayrec.report.compare_report`).
+
+Resume (``jobs/main.py --resume``): ``<storage_root>/pipelines/<name>.stages.json`` records, atomically, each
+training stage's config fingerprint when it starts and its summary when it ends. A resumed pipeline keeps the
+prepared data (always reused when its manifest matches), every finished stage whose checkpoint is still complete,
+and the ranking when it is complete and of the same teacher and config; the stage that was cut short continues
+from its newest checkpoint written since it started (``fit(resume_from=...)``), or starts over when it wrote none.
+Once a stage is trained again, every later stage runs from scratch (it would read the new teacher). A stage whose
+config changed since the interrupted run is refused (the fingerprint leaves out ``ray.*`` and the fault-injection
+and retry keys, which do not change what is trained).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +30,7 @@ from typing import Callable
 import yaml
 
 from rayrec.config import CONFIG_DIR, ExperimentConfig, build, load_config, resolve_storage_root
-from rayrec.errors import ConfigError
+from rayrec.errors import ArtifactError, ConfigError
 
 
 @dataclass
@@ -86,12 +97,93 @@ def stage_config(pc: PipelineConfig, *specs: StageSpec, extra: list[str] | None 
     return load_config(files, over)
 
 
-def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print) -> Path:
-    """Run every stage; return the report directory (``compare.md``, ``compare.png``, ``pipeline.json``)."""
+def _fingerprint(cfg: ExperimentConfig) -> str:
+    """What a stage trains: its whole config but the resources and the fault-injection/retry keys."""
+    d = cfg.to_dict()
+    d.pop("ray", None)
+    for k in ("fault_step", "fault_rank", "fault_kind", "max_failures"):
+        d.get("train", {}).pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stages:
+    """The stage record ``<storage_root>/pipelines/<name>.stages.json``, rewritten atomically on every change."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if resume and path.exists():
+            try:
+                self.done = json.loads(path.read_text())
+            except ValueError:
+                raise ArtifactError(f"{path}: unreadable stage record; run jobs/main.py without --resume") from None
+        self.rerun = not resume  # set once a stage trains again: every later stage then starts from scratch
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.path.with_name(f".{self.path.name}.part-{os.getpid()}")
+        part.write_text(json.dumps(self.done, indent=1))
+        os.replace(part, self.path)
+
+    def fit(self, key: str, cfg: ExperimentConfig, prepared: Path, progress: Callable[[str], None]) -> dict:
+        """Run (or keep, or continue) the training stage ``key``; return its summary."""
+        from rayrec.artifacts import check_checkpoint
+        from rayrec.train.fit import fit, latest_checkpoint
+
+        fp, rec = _fingerprint(cfg), self.done.get(key)
+        if not self.rerun and rec is not None:
+            if rec["fingerprint"] != fp:
+                raise ConfigError(f"--resume: the {key} stage's config changed since the interrupted run; rerun "
+                                  f"jobs/main.py without --resume (or with another pipeline name)")
+            if rec.get("summary"):
+                try:
+                    summary = json.loads(Path(rec["summary"]).read_text())
+                    check_checkpoint(summary["checkpoint"], "")
+                    progress(f"[pipeline] {key}: finished before, kept ({summary['checkpoint']})")
+                    return summary
+                except (OSError, ValueError, KeyError, TypeError, ArtifactError) as e:
+                    progress(f"[pipeline] {key}: training again, its result is gone or incomplete ({e})")
+            else:
+                try:
+                    ckpt = latest_checkpoint(cfg, since=rec["since"])
+                    progress(f"[pipeline] {key}: continuing from {ckpt}")
+                    self._record(key, fp, rec["since"])
+                    return self._finish(key, fit(cfg, prepared=prepared, resume_from=str(ckpt), progress=progress))
+                except ArtifactError:
+                    progress(f"[pipeline] {key}: cut short before its first checkpoint, starting over")
+        self.rerun = True
+        self._record(key, fp, time.strftime("%Y%m%d-%H%M%S"))
+        return self._finish(key, fit(cfg, prepared=prepared, progress=progress))
+
+    def artifact(self, key: str, path: Path, kind: str) -> None:
+        """Record the committed artifact at ``path``; one that differs from the recorded one reruns what follows."""
+        from rayrec.artifacts import read_manifest
+
+        m = read_manifest(path, kind, "jobs/main.py")
+        ident = hashlib.sha256(json.dumps([m.get("created"), m.get("files")], sort_keys=True).encode()).hexdigest()
+        if self.done.get(key, {}).get("identity") != ident:
+            self.rerun = True
+        self.done[key] = {"identity": ident, "path": str(path)}
+        self._write()
+
+    def _record(self, key: str, fp: str, since: str) -> None:
+        self.done[key] = {"fingerprint": fp, "since": since}
+        self._write()
+
+    def _finish(self, key: str, summary: dict) -> dict:
+        self.done[key]["summary"] = str(Path(summary["run_dir"]) / "summary.json")
+        self._write()
+        return summary
+
+
+def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print, resume: bool = False) -> Path:
+    """Run every stage; return the report directory (``compare.md``, ``compare.png``, ``pipeline.json``).
+    ``resume``: keep what an interrupted run of the same pipeline finished and continue the stage it cut short
+    (see the module docstring)."""
     from rayrec.data.prepared import prepare
     from rayrec.report import compare_report
     from rayrec.teacher.rank import rank_teacher
-    from rayrec.train.fit import fit, prepared_root, validate
+    from rayrec.train.fit import prepared_root, validate
 
     t0 = time.perf_counter()
     t_cfg = stage_config(pc, pc.teacher, extra=[f"name={pc.name}_teacher"])
@@ -104,12 +196,20 @@ def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print) ->
     if t_cfg.model.sharding == "none":
         raise ConfigError("pipeline.teacher: the teacher trains sharded (layer teacher/sharded_row_wise)")
     out = resolve_storage_root(t_cfg) / "pipelines" / pc.name
+    state = out.parent / f"{pc.name}.stages.json"
+    if resume and not state.exists():
+        raise ArtifactError(f"--resume: no stage record of a pipeline named {pc.name!r} at {state}; run jobs/main.py "
+                            f"without --resume to start (or set storage_root= to the interrupted run's)")
+    stages = _Stages(state, resume)
     progress(f"[pipeline] {pc.name}: prepare -> teacher {t_cfg.model.name} d={t_cfg.model.dim} (sharded "
-             f"{t_cfg.model.sharding}) -> rank -> {len(s_cfgs)} students ({', '.join(s_cfgs)}) -> {out}")
+             f"{t_cfg.model.sharding}) -> rank -> {len(s_cfgs)} students ({', '.join(s_cfgs)}) -> {out}"
+             + (" (resumed)" if resume else ""))
 
     prepared = prepare(t_cfg.data, prepared_root(t_cfg), progress=progress)
-    teacher = fit(t_cfg, prepared=prepared, progress=progress)
-    ranking = rank_teacher(r_cfg, teacher["checkpoint"], prepared=prepared, progress=progress)
+    teacher = stages.fit("teacher", t_cfg, prepared, progress)
+    ranking = rank_teacher(r_cfg, teacher["checkpoint"], prepared=prepared, resume=not stages.rerun,
+                           progress=progress)
+    stages.artifact("ranking", ranking, "teacher_ranking")  # ranked again: every student starts from scratch
     ref = [f"distill.teacher.checkpoint={teacher['checkpoint']}", f"distill.teacher.ranking={ranking}",
            f"distill.teacher.name={t_cfg.model.name}", f"distill.teacher.dim={t_cfg.model.dim}",
            f"distill.teacher.sharding={t_cfg.model.sharding}", f"distill.teacher.layers={t_cfg.model.layers}"]
@@ -120,7 +220,7 @@ def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print) ->
             cfg = stage_config(pc, pc.student, s, extra=[f"name={pc.name}_{s.label}", *ref])
         progress(f"[pipeline] student {s.label}: {cfg.model.name} d={cfg.model.dim}, distill.method="
                  f"{cfg.distill.method}")
-        summaries[s.label] = fit(cfg, prepared=prepared, progress=progress)
+        summaries[s.label] = stages.fit(f"student {s.label}", cfg, prepared, progress)
     # the report directory is written beside its target and committed whole with a checksummed manifest
     from rayrec.artifacts import write_dir
 
@@ -131,6 +231,7 @@ def run_pipeline(pc: PipelineConfig, progress: Callable[[str], None] = print) ->
             "name": pc.name, "prepared": str(prepared), "teacher_checkpoint": str(teacher["checkpoint"]),
             "ranking": str(ranking), "students": {k: v.get("checkpoint") for k, v in summaries.items()},
             "report": str(out / "compare.md"), "total_s": round(time.perf_counter() - t0, 1),
+            "resumed": resume,
         }
         (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=1))
 

@@ -32,6 +32,7 @@ directory, so on a multi-node cluster ``storage_root`` must be a filesystem ever
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -303,10 +304,26 @@ def _teacher_model_files(checkpoint: Path, dim: int | None = None, key: str = "m
     return shards
 
 
+def _reusable(out: Path, checkpoint: Path, prepared: Path, cfg: ExperimentConfig) -> str | None:
+    """Why the committed ranking at ``out`` cannot stand for this run's, or None when it can (same teacher
+    checkpoint, prepared data, teacher model and ``rank.*`` config, every file as its manifest lists)."""
+    try:
+        m = read_manifest(out, KIND, RERUN)
+    except ArtifactError as e:
+        return str(e)
+    want = {"teacher_checkpoint": str(checkpoint), "prepared": str(prepared.resolve()),
+            "model": {"name": cfg.model.name, "dim": cfg.model.dim}, "rank": dataclasses.asdict(cfg.rank)}
+    want = json.loads(json.dumps(want, default=str))  # as the manifest stores it (tuples as lists)
+    diff = [k for k, v in want.items() if m.get(k) != v]
+    return f"it was made with another {', '.join(diff)}" if diff else None
+
+
 def rank_teacher(cfg: ExperimentConfig, checkpoint: str | Path, *, prepared: str | Path | None = None,
-                 out: str | Path | None = None, progress: Callable[[str], None] = print) -> Path:
+                 out: str | Path | None = None, resume: bool = False,
+                 progress: Callable[[str], None] = print) -> Path:
     """Compute the ranking artifact of the teacher in ``checkpoint`` (``cfg.model`` describes it) with
-    ``cfg.ray.num_workers`` Ray Train workers; return the committed directory."""
+    ``cfg.ray.num_workers`` Ray Train workers; return the committed directory. ``resume``: keep a complete ranking
+    already at ``out`` when it was made from the same checkpoint, prepared data and config (else rank again)."""
     checkpoint = Path(checkpoint).resolve()
     _teacher_model_files(checkpoint, cfg.model.dim)  # fail before starting anything
     if cfg.ray.num_workers < 1:
@@ -320,6 +337,12 @@ def rank_teacher(cfg: ExperimentConfig, checkpoint: str | Path, *, prepared: str
     prepared = Path(prepared) if prepared is not None else prepare(cfg.data, prepared_root(cfg), progress=progress)
     pd = load_prepared(prepared)  # checks it before any worker starts
     out = Path(out) if out is not None else resolve_storage_root(cfg) / "rankings" / cfg.name
+    if resume:
+        why = _reusable(out, checkpoint, Path(prepared), cfg)
+        if why is None:
+            progress(f"[rank] {out}: complete, same teacher, data and config: kept (--resume)")
+            return out
+        progress(f"[rank] --resume: ranking again, {out} is not reusable: {why}")
 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -137,9 +137,10 @@ def prepared_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.prepared_root).resolve() if cfg.data.prepared_root else resolve_storage_root(cfg) / "prepared"
 
 
-def latest_checkpoint(cfg: ExperimentConfig) -> Path:
+def latest_checkpoint(cfg: ExperimentConfig, since: str | None = None) -> Path:
     """The newest per-epoch checkpoint (one with training state) of any run named ``cfg.name`` under the storage
-    root: what ``--resume`` continues from. Ray Train names checkpoints by time, so the newest sorts last."""
+    root: what ``--resume`` continues from. Ray Train names checkpoints by time, so the newest sorts last.
+    ``since`` (``YYYYmmdd-HHMMSS``, as in run names): only runs started at or after it."""
     from rayrec.errors import ArtifactError
 
     root = resolve_storage_root(cfg) / "ray_train"
@@ -152,8 +153,11 @@ def latest_checkpoint(cfg: ExperimentConfig) -> Path:
         except ArtifactError:
             return False
 
-    found = sorted((p.parent for p in root.glob(f"{cfg.name}-*/checkpoint_*/state.json") if complete(p.parent)),
-                   key=lambda p: p.name)
+    def started(run: Path) -> bool:  # run directories are named <name>-YYYYmmdd-HHMMSS (fit)
+        return since is None or run.name[len(cfg.name) + 1:] >= since
+
+    found = sorted((p.parent for p in root.glob(f"{cfg.name}-*/checkpoint_*/state.json")
+                    if started(p.parent.parent) and complete(p.parent)), key=lambda p: p.name)
     if not found:
         raise ArtifactError(f"--resume: no checkpoint of a run named {cfg.name!r} under {root}; run without --resume "
                             f"to start (or set name= / storage_root= to the interrupted run's)")

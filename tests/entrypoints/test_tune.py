@@ -80,6 +80,33 @@ def test_optuna_searcher_learns_from_past_trials(ray_session, tmp_path, monkeypa
     assert len(list((tmp_path / "store" / "ray_train").glob("tiny_*"))) == 2  # each trial's Train run
 
 
+@pytest.mark.ray
+def test_a_worker_killed_inside_a_trial_restarts_from_its_checkpoint(ray_session, tmp_path):
+    """A Tune trial's TorchTrainer loses rank 1 (``os._exit``) in its second epoch: Ray Train restarts the trial's
+    worker group from the epoch-0 checkpoint, the trial finishes, and its metrics equal an uninterrupted run's."""
+    import json
+
+    from rayrec.train.fit import fit
+    from rayrec.tune import load_spec, run_tune, trial_config
+
+    run = ["ray.num_workers=2", "train.max_epochs=2", "train.batch_size=512", "train.max_failures=1"]
+    fault = ["train.fault_step=150", "train.fault_rank=1"]  # ~100 steps an epoch: the middle of epoch 1
+    spec_path = _spec(tmp_path, {"train.lr": {"choice": [0.01]}}, num_samples=1, scheduler="fifo")
+    spec = load_spec(spec_path, [*run, *fault])
+    out = run_tune(spec, progress=lambda s: None)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 1 and rows[0]["error"] == "" and int(rows[0]["epochs"]) == 2, rows
+    (trial_run,) = (tmp_path / "ray_train").glob("tiny_*")  # the trial's Ray Train run
+    assert (trial_run / ".fault_injected").read_text().startswith("rank 1 exited at step 150")
+    killed = json.loads((trial_run / "summary.json").read_text())
+    assert killed["resumed_at"] == [1] and [h["epoch"] for h in killed["history"]] == [0, 1]
+    # the same trial config, uninterrupted, outside Tune
+    ref = fit(trial_config(load_spec(spec_path, run), {"train.lr": 0.01}, [f"storage_root={tmp_path}/ref"]),
+              progress=lambda s: None)
+    assert abs(killed["metrics"]["test/H@5"] - ref["metrics"]["test/H@5"]) <= 0.005
+    assert killed["metrics"] == ref["metrics"]
+
+
 def test_bad_search_space_fails_in_one_line_before_ray(tmp_path):
     spec = _spec(tmp_path, {"train.lr": {"loguniform": [0.01, 0.001]}})
     p = subprocess.run([sys.executable, str(REPO / "jobs/tune.py"), "--config", str(spec)], capture_output=True,
