@@ -5,6 +5,10 @@ target (``.<name>.tmp-<id>``); when every part is there, :func:`commit_dir` writ
 caller's fields, and every file's size and sha256) and renames the directory into place. A reader calls
 :func:`read_manifest`, which refuses a directory without a complete manifest or with a file that differs from it,
 saying which job to rerun. A crash at any point leaves either the previous artifact or the new one, never a mix.
+
+Training checkpoints are directories that Ray Train persists and that several ranks may write into (sharded
+tables): each writing rank lists its files in ``manifest.rank<r>.json``, and :func:`upload_checkpoint` (the loop's
+``checkpoint_upload_fn``) copies them into storage each under a temporary name, renamed into place, manifests last.
 """
 
 from __future__ import annotations
@@ -152,3 +156,33 @@ def check_checkpoint(directory: str | Path, rerun: str, verify: bool = False) ->
             raise ArtifactError(f"{changed}: missing or changed since rank {m['rank']} wrote the checkpoint; run "
                                 f"{rerun} again")
     return manifests
+
+
+def copy_renaming(src: str | Path, dst: str | Path) -> None:
+    """Copy every file under ``src`` into ``dst`` (created, possibly shared with other writers) each under a
+    temporary name first and renamed into place, the ``manifest.rank*.json`` files last: a reader never sees a
+    partly written file under its final name, nor a manifest before the files it lists."""
+    src, dst = Path(src), Path(dst)
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.name.startswith("manifest.rank"), str(p)))
+    for p in files:
+        target = dst / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(p, part)
+        os.replace(part, target)
+
+
+def upload_checkpoint(checkpoint, dir_name: str):
+    """Ray Train ``checkpoint_upload_fn``: persist a reported checkpoint directory into the run's storage with
+    :func:`copy_renaming` when the storage is a local (or mounted shared) filesystem; other filesystems (object
+    stores, which have no rename) keep Ray's own copy, where the manifests written last still guard readers."""
+    import pyarrow.fs
+    import ray.train
+    from ray.train import Checkpoint
+
+    storage = ray.train.get_context().get_storage()
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return storage.persist_current_checkpoint(checkpoint, dir_name)
+    dest = storage.build_checkpoint_path_from_name(dir_name)
+    copy_renaming(checkpoint.path, dest)
+    return Checkpoint(path=dest, filesystem=storage.storage_filesystem)

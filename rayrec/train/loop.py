@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rayrec.artifacts import check_checkpoint, write_checkpoint_manifest
+from rayrec.artifacts import check_checkpoint, upload_checkpoint, write_checkpoint_manifest
 from rayrec.config import ExperimentConfig, build
 from rayrec.distributed import all_reduce
 from rayrec.eval.evaluate import EvalData, evaluate
@@ -378,7 +378,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 writes = rank == 0 or sharded
                 if writes:  # this rank's file list with checksums, last: a reader refuses a partial checkpoint
                     write_checkpoint_manifest(d, rank, world if sharded else 1, {"epoch": epoch})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
+                # [ray] persisted file by file under temporary names, renamed into place, manifests last
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None,
+                                 checkpoint_upload_fn=upload_checkpoint)
         else:
             ray.train.report(metrics)
 
@@ -421,5 +423,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
         writes = rank == 0 or sharded
         if writes:
             write_checkpoint_manifest(d, rank, world if sharded else 1, {"final": True})
-        ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None)
+        ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if writes else None,
+                         checkpoint_upload_fn=upload_checkpoint)
     return summary if rank == 0 else None

@@ -56,6 +56,46 @@ def test_incomplete_checkpoints_are_refused_with_what_to_rerun(run, tmp_path):
     assert check_checkpoint(ck, "x", verify=True)[0]["files"]  # the intact one passes, checksums included
 
 
+def test_checkpoints_are_persisted_under_temporary_names_then_renamed_manifests_last(run, tmp_path, monkeypatch):
+    """What the training loop's ``checkpoint_upload_fn`` does on a local (or shared) filesystem, for two writing
+    ranks merging into one checkpoint directory, as sharded tables do."""
+    import os
+    from pathlib import Path
+
+    from rayrec.artifacts import copy_renaming
+
+    import shutil
+
+    ck, _, _ = run
+    rank0 = tmp_path / "rank0"
+    shutil.copytree(ck, rank0)
+    (rank0 / "manifest.rank0.json").unlink()
+    write_checkpoint_manifest(rank0, 0, 2)
+    rank1 = tmp_path / "rank1"
+    (rank1 / "model").mkdir(parents=True)
+    (rank1 / "model" / "__1_0.distcp").write_bytes(b"shard of rank 1")
+    write_checkpoint_manifest(rank1, 1, 2)
+    renames = []
+    real_replace = os.replace
+
+    def replace(a, b):
+        assert not Path(b).exists() or Path(b).name.startswith("manifest"), b
+        assert Path(a).name.startswith(f".{Path(b).name}.part-") and Path(a).parent == Path(b).parent, (a, b)
+        renames.append(Path(b).name)
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    dest = tmp_path / "storage" / "checkpoint_000"
+    copy_renaming(rank0, dest)
+    with pytest.raises(ArtifactError, match="manifests of 1 of its 2 writing ranks"):  # rank 1 has not landed yet
+        check_checkpoint(dest, "x")
+    copy_renaming(rank1, dest)
+    assert renames == ["model.pt", "summary.json", "manifest.rank0.json", "__1_0.distcp", "manifest.rank1.json"]
+    assert sorted(p.name for p in dest.rglob("*")) == sorted(
+        ["model.pt", "summary.json", "manifest.rank0.json", "model", "__1_0.distcp", "manifest.rank1.json"])
+    assert [m["rank"] for m in check_checkpoint(dest, "x", verify=True)] == [0, 1]
+
+
 @pytest.mark.parametrize("kind", ["bpr", "lightgcn", "neumf"])
 def test_serving_module_ranks_like_the_model(kind):
     torch.manual_seed(0)
