@@ -147,3 +147,31 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
                                       (f"\nMissing or short of seeds: {', '.join(doc['missing'])}\n"
                                        if doc["missing"] else ""))
     return out
+
+
+def add_device_arg(ap) -> None:
+    """``--device cpu|cuda``: where the benchmark runs; CUDA results go to ``<name>_cuda.json`` beside the CPU ones."""
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="run on this device (cuda: results written to <name>_cuda.json)")
+
+
+def device_of(name: str):
+    """The torch device for ``--device``; a clear error when CUDA is asked for and absent."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device on this machine")
+    return torch.device(name)
+
+
+def result_path(name: str, smoke: bool, device: str = "cpu") -> Path:
+    """``benchmarks/results/[smoke/]<name>[_cuda].json``."""
+    return (RESULTS / "smoke" if smoke else RESULTS) / f"{name}{'' if device == 'cpu' else '_' + device}.json"
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings cover it."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()

@@ -14,7 +14,8 @@ interactions written as parquet):
 
 Epoch 0 is a warm-up; rates are over the next ``--epochs`` epochs. ``extra.ray_vs_pyarrow_ratio`` = Ray's rows/s
 over pyarrow's. Writes ``benchmarks/results/data_path.json`` + ``.md``; ``--smoke``: 200k synthetic rows, 2 epochs,
-1 worker, into ``benchmarks/results/smoke/``.
+1 worker, into ``benchmarks/results/smoke/``. ``--device cuda``: every batch is also copied to the GPU (the Ray
+workers get one GPU each), into ``data_path_cuda.json``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, command_line, commit, write_table_result  # noqa: E402
+from benchmarks.common import add_device_arg, command_line, commit, device_of, result_path, write_table_result  # noqa: E402,E501
 
 
-def pyarrow_rates(train_dir: Path, batch_size: int, epochs: int, chunk: int, seed: int = 0) -> dict:
+def pyarrow_rates(train_dir: Path, batch_size: int, epochs: int, chunk: int, seed: int = 0,
+                  device: torch.device = torch.device("cpu")) -> dict:
     """The same work as the loop's data path without Ray: chunks of ``chunk`` rows in a new random order each
-    epoch, each chunk permuted, cut into ``batch_size`` int64 torch batches."""
+    epoch, each chunk permuted, cut into ``batch_size`` int64 torch batches (copied to ``device``)."""
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
@@ -51,14 +53,16 @@ def pyarrow_rates(train_dir: Path, batch_size: int, epochs: int, chunk: int, see
             order = c * chunk + rng.permutation(min(chunk, rows - c * chunk))
             u, i = torch.from_numpy(users[order]), torch.from_numpy(items[order])
             for a in range(0, len(order), batch_size):
-                check += int(i[a : a + batch_size][-1]) + 0 * len(u[a : a + batch_size])
+                bu, bi = u[a : a + batch_size].to(device), i[a : a + batch_size].to(device)
+                check += int(bi[-1]) + 0 * len(bu)
         times.append(time.perf_counter() - t)
     s = sum(times[1:])
     return {"rows": rows, "read_s": round(read_s, 4), "epoch_s": round(s / epochs, 4),
             "rows_per_s": round(rows * epochs / s, 1)}
 
 
-def ray_rates(train_dir: Path, batch_size: int, epochs: int, workers: int, train_overrides: list[str]) -> dict:
+def ray_rates(train_dir: Path, batch_size: int, epochs: int, workers: int, train_overrides: list[str],
+              use_gpu: bool = False) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -82,7 +86,8 @@ def ray_rates(train_dir: Path, batch_size: int, epochs: int, workers: int, train
         trainer = TorchTrainer(
             ingest_loop_per_worker,
             train_loop_config={"train": dataclasses.asdict(tc), "epochs": epochs + 1},
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1.0}),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": 1.0}),
             run_config=ray.train.RunConfig(storage_path=storage, worker_runtime_env=worker_runtime_env(),
                                            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
             datasets={"train": ds},
@@ -120,12 +125,14 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-citeulike", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    add_device_arg(ap)
     ap.add_argument("train_overrides", nargs="*", help="train.* fields, e.g. shuffle=none read_blocks=128")
     args = ap.parse_args(argv)
+    device = device_of(args.device)
     if args.smoke:
         args.synthetic_rows, args.epochs, args.workers, args.no_citeulike = 200_000, 2, [1], True
     sha = commit()
-    out_path = (RESULTS / "smoke" if args.smoke else RESULTS) / "data_path.json"
+    out_path = result_path("data_path", args.smoke, args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
@@ -141,14 +148,15 @@ def main(argv: list[str] | None = None) -> Path:
         for name, train_dir in sets:
             from rayrec.config import TrainConfig
 
-            base = pyarrow_rates(train_dir, args.batch_size, args.epochs, TrainConfig().shuffle_buffer)
+            base = pyarrow_rates(train_dir, args.batch_size, args.epochs, TrainConfig().shuffle_buffer, device=device)
             print(f"[data_path] {name} pyarrow: {base['rows_per_s']:,.0f} rows/s", flush=True)
             rows.append({"label": f"{name}_pyarrow", "dataset": name, "world_size": 1,
                          "timing": {"epoch_s": base["epoch_s"], "rows_per_s": base["rows_per_s"],
                                     "read_s": base["read_s"]},
                          "extra": {"rows": base["rows"], "batch_size": args.batch_size, "epochs": args.epochs}})
             for w in args.workers:
-                r = ray_rates(train_dir, args.batch_size, args.epochs, w, args.train_overrides)
+                r = ray_rates(train_dir, args.batch_size, args.epochs, w, args.train_overrides,
+                              use_gpu=args.device == "cuda")
                 assert r["rows"] == base["rows"], (r, base)  # every row delivered once per epoch
                 ratio = r["rows_per_s"] / base["rows_per_s"]
                 print(f"[data_path] {name} ray x{w}: {r['rows_per_s']:,.0f} rows/s ({ratio:.2f}x pyarrow)", flush=True)
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> Path:
         return [r["label"], f"{r['timing']['rows_per_s']:,.0f}", f"{r['timing']['epoch_s']:.3f}",
                 "" if ratio is None else f"{ratio:.3f}"]
 
-    write_table_result("data_path", rows, command_line(__file__, argv), out_path, sha,
+    write_table_result(out_path.stem, rows, command_line(__file__, argv), out_path, sha,
                        ["row", "rows/s", "epoch s", "vs pyarrow"], cells)
     return out_path
 

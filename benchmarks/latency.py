@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import add_device_arg, command_line, commit, device_of, result_path, write_result  # noqa: E402
 
 
 def timed(fn, users: torch.Tensor, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
@@ -137,14 +137,14 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--teacher-checkpoint", default=None, help="a trained teacher run's final checkpoint")
     ap.add_argument("--student-checkpoint", default=None, help="a trained student run's final checkpoint")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device_arg(ap)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batches, args.repeats, args.warmup = [1, 64], 5, 1
     sha = commit()
-    device = torch.device(args.device)
-    out_path = (RESULTS / "smoke" if args.smoke else RESULTS) / "latency.json"
+    device = device_of(args.device)
+    out_path = result_path("latency", args.smoke, args.device)
     rows: list[dict] = []
     for cat, n_users, n_items in _catalogues(args):
         ckpts = (args.teacher_checkpoint, args.student_checkpoint) if cat == "citeulike" else (None, None)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[latency] {cat} batch {batch}: teacher {timing['teacher_p50_ms']:.2f} ms, student "
                   f"{timing['student_p50_ms']:.2f} ms (ratio {ratio:.3f}), naive {timing['naive_p50_ms']:.2f} ms",
                   flush=True)
-    write_result("latency", rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
+    write_result(out_path.stem, rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
     out_path.with_suffix(".md").write_text(_markdown(rows))
     _plot(rows, out_path.with_suffix(".png"))
     print(_markdown(rows))

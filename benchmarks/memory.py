@@ -9,6 +9,8 @@ interactions with the fused optimizer. Per worker: peak RSS (``timing.peak_mib``
 built (``extra.base_mib``: the Python runtime), and the table share predicted by ``rayrec.sharding.memory``.
 ``extra.peak_ws2_vs_ws1_ratio`` = peak per worker at world size 2 / at 1 (target <= 0.6; 0.5 + the runtime's
 share). Writes ``benchmarks/results/memory.json`` + ``.md``; ``--smoke``: 1M + 1M x 64 into ``results/smoke/``.
+``--device cuda`` (2 GPUs): nccl, one GPU per rank, and the peaks are each GPU's peak allocated memory (the runtime
+column is the memory allocated before the tables were built), into ``memory_cuda.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, command_line, commit, write_table_result  # noqa: E402
+from benchmarks.common import add_device_arg, command_line, commit, device_of, result_path, write_table_result  # noqa: E402,E501
 from benchmarks.sharded_teacher import measure_memory  # noqa: E402
 
 
@@ -30,16 +32,25 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--smoke", action="store_true")
+    add_device_arg(ap)
     args = ap.parse_args(argv)
+    device_of(args.device)
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            raise SystemExit("error: --device cuda measures world size 1 and 2 with one GPU per rank: needs 2 GPUs, "
+                             f"this machine has {torch.cuda.device_count()}")
     if args.smoke:
         args.users, args.items, args.steps = 1_000_000, 1_000_000, 3
     sha = commit()
     rows, mem = [], {}
     for world in (1, 2):
         print(f"[memory] {args.users:,} + {args.items:,} rows x {args.dim}, {world} worker(s)", flush=True)
-        m = mem[world] = measure_memory(world, args.users, args.items, args.dim, args.steps)
+        m = mem[world] = measure_memory(world, args.users, args.items, args.dim, args.steps, args.device)
         rows.append({
             "label": f"teacher_ws{world}", "model": "bpr", "method": "teacher", "dim": args.dim, "world_size": world,
+            "device": args.device,
             "timing": {"peak_mib": round(m["peak_mib"], 1),
                        "step_s": round(max(r["step_s"] for r in m["ranks"]), 4),
                        "build_s": round(max(r["build_s"] for r in m["ranks"]), 2)},
@@ -51,8 +62,8 @@ def main(argv: list[str] | None = None) -> Path:
     for r in rows:
         r["extra"]["peak_ws2_vs_ws1_ratio"] = round(ratio, 4)
         r["extra"]["above_base_ws2_vs_ws1_ratio"] = round(above, 4)
-    out_path = (RESULTS / "smoke" if args.smoke else RESULTS) / "memory.json"
-    write_table_result("memory", rows, command_line(__file__, argv), out_path, sha,
+    out_path = result_path("memory", args.smoke, args.device)
+    write_table_result(out_path.stem, rows, command_line(__file__, argv), out_path, sha,
                        ["world size", "peak MiB per worker", "runtime MiB", "tables (estimate) MiB", "step s"],
                        lambda r: [str(r["world_size"]), f"{r['timing']['peak_mib']:,.0f}", f"{r['extra']['base_mib']:,.0f}",
                                   f"{r['extra']['tables_estimate_mib']:,.0f}", f"{r['timing']['step_s']:.3f}"],

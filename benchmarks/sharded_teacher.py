@@ -57,40 +57,50 @@ def _rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
-def _mem_worker(rank: int, world: int, port: int, users: int, items: int, dim: int, steps: int, out: str) -> None:
+def _mem_worker(rank: int, world: int, port: int, users: int, items: int, dim: int, steps: int, out: str,
+                device: str = "cpu") -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    gpu_mib = lambda: torch.cuda.memory_allocated(dev) / 2**20  # noqa: E731
     from rayrec.models.sharded import ShardedBPR
     from rayrec.sharding import shard_model
     from rayrec.train.task import TrainTask
 
-    base = _rss_mib()
+    base = gpu_mib() if dev.type == "cuda" else _rss_mib()
     t0 = time.perf_counter()
     dmp = shard_model(TrainTask(ShardedBPR(users, items, dim), world_size=world), optimizer="exact_rowwise_adagrad",
-                      lr=0.05)
+                      lr=0.05, device=dev)
     build_s = time.perf_counter() - t0
-    after_build = _rss_mib()
+    after_build = gpu_mib() if dev.type == "cuda" else _rss_mib()
     g = torch.Generator().manual_seed(rank)
     t0 = time.perf_counter()
     for _ in range(steps):
         u = torch.randint(0, users, (4096,), generator=g)
         p = torch.randint(0, items, (4096,), generator=g)
         n = torch.randint(0, items, (4096, 1), generator=g)
-        loss, _ = dmp(u, p, n)
+        loss, _ = dmp(u.to(dev), p.to(dev), n.to(dev))
         loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     step_s = (time.perf_counter() - t0) / max(steps, 1)
-    # VmHWM: this process image's high-water mark (ru_maxrss would keep the forking parent's RSS across exec)
-    peak = _status_mib("VmHWM")
+    # VmHWM: this process image's high-water mark (ru_maxrss would keep the forking parent's RSS across exec); on a
+    # GPU the device's peak allocated memory
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _status_mib("VmHWM")
     Path(f"{out}.{rank}").write_text(json.dumps({"base_mib": base, "after_build_mib": after_build, "peak_mib": peak,
                                                  "build_s": build_s, "step_s": step_s}))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measure_memory(world: int, users: int, items: int, dim: int, steps: int) -> dict:
+def measure_memory(world: int, users: int, items: int, dim: int, steps: int, device: str = "cpu") -> dict:
+    """Per-rank memory of a row-wise sharded BPR teacher over ``world`` processes (host RSS, or on ``cuda`` the
+    GPU's peak allocated memory, one GPU per rank)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -102,7 +112,7 @@ def measure_memory(world: int, users: int, items: int, dim: int, steps: int) -> 
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "mem")
-        mp.spawn(_mem_worker, args=(world, port, users, items, dim, steps, out), nprocs=world, join=True)
+        mp.spawn(_mem_worker, args=(world, port, users, items, dim, steps, out, device), nprocs=world, join=True)
         ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
     est = table_bytes_per_worker(model_tables("bpr", users, items, dim), "row_wise", "exact_rowwise_adagrad", world)
     return {"ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),

@@ -20,7 +20,8 @@ Two result files:
   (test split, Recall/NDCG@20, 1 thread) / one student-alone epoch (``extra.eval_vs_student_epoch_ratio``, target
   <= 1).
 
-Without ``--ranking`` the teacher is ranked first (top-500, 5 user and item neighbours). ``--smoke``: ML-100K,
+``--device cuda``: the plain loop, the Ray workers (``ray.use_gpu=true``, one GPU each) and the full evaluation on
+GPUs, written to ``throughput_cuda.json`` / ``method_cost_cuda.json``. Without ``--ranking`` the teacher is ranked first (top-500, 5 user and item neighbours). ``--smoke``: ML-100K,
 the given teacher (e.g. the test suite's), 1 measured epoch, ``ray.num_workers`` from ``--workers``, into
 ``benchmarks/results/smoke/``.
 """
@@ -35,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import (add_device_arg, command_line, commit, device_of, result_path,  # noqa: E402
+                               synchronize, write_result)
 from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
 
 METHODS = ["none", "de", "rrd", "de_rrd", "mkd"]
@@ -71,8 +73,17 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                     help="Ray Train worker counts; 0 alone: the plain loop only (method costs from it)")
     ap.add_argument("--epochs", type=int, default=2, help="measured epochs (after one warm-up epoch)")
     ap.add_argument("--smoke", action="store_true")
+    add_device_arg(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. storage_root=/tmp/x")
     args = ap.parse_args(argv)
+    device = device_of(args.device)
+    if args.device == "cuda":  # one GPU per Ray Train worker
+        import torch
+
+        if max(args.workers) > torch.cuda.device_count():
+            raise SystemExit(f"error: --workers {max(args.workers)} needs as many GPUs, this machine has "
+                             f"{torch.cuda.device_count()}")
+        args.overrides = ["ray.use_gpu=true", *args.overrides]
     if args.smoke:
         args.epochs = 1
     if "none" not in args.methods:
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     eval_row = None
     for method in args.methods:
         over = smoke_mkd if method == "mkd" else []
-        rows_s, ep = _rate(plain_epochs(_config(args, method, teacher, ranking, over), prepared, args.epochs + 1))
+        rows_s, ep = _rate(plain_epochs(_config(args, method, teacher, ranking, over), prepared, args.epochs + 1,
+                                        device=device))
         print(f"[speed] {method} plain: {rows_s:,.0f} rows/s ({ep:.2f} s/epoch)", flush=True)
         tput.append({"label": f"{method}_plain", "model": "bpr", "method": method, "dim": 20, "world_size": 1,
                      "timing": {"rows_per_s": round(rows_s, 1), "epoch_s": round(ep, 4)},
@@ -128,12 +140,13 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
             if w == min(w for w in args.workers if w > 0):
                 epoch_s[method] = r_ep
                 if method == "none":  # the full evaluation of every user with this student, 1 thread
-                    model = load_dense_model(s["checkpoint"], prepared)
+                    model = load_dense_model(s["checkpoint"], prepared).to(device)
                     evald = EvalData.from_prepared(load_prepared(prepared))
                     threads = torch.get_num_threads()
                     torch.set_num_threads(1)
                     t0 = time.perf_counter()
-                    m = evaluate(model, evald, "test", base_cfg.eval, sampled=False, full=True)
+                    m = evaluate(model, evald, "test", base_cfg.eval, sampled=False, full=True, device=device)
+                    synchronize(device)
                     eval_s = time.perf_counter() - t0
                     torch.set_num_threads(threads)
                     eval_row = {"label": "full_eval", "model": "bpr", "method": "none", "dim": 20, "world_size": 1,
@@ -148,11 +161,11 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     if eval_row is not None:
         eval_row["extra"]["eval_vs_student_epoch_ratio"] = round(eval_row["timing"]["eval_s"] / epoch_s["none"], 4)
         cost.append(eval_row)
-    where = RESULTS / "smoke" if args.smoke else RESULTS
     cmd = command_line(__file__, argv)
     paths = []
     for name, rows, md in (("throughput", tput, _md_throughput), ("method_cost", cost, _md_cost)):
-        p = write_result(name, rows, command=cmd, path=where / f"{name}.json", commit_sha=sha)
+        path = result_path(name, args.smoke, args.device)
+        p = write_result(path.stem, rows, command=cmd, path=path, commit_sha=sha)
         p.with_suffix(".md").write_text(md(rows))
         print(md(rows))
         paths.append(p)

@@ -14,9 +14,10 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def ensure_process_group() -> bool:
-    """A 1-rank gloo process group when none exists (TorchRec's sharded modules need one even alone): plain
-    single-process runs load the sharded teacher through it. True when this call created it."""
+def ensure_process_group(backend: str = "gloo") -> bool:
+    """A 1-rank process group (``gloo``; ``nccl`` for a teacher on CUDA) when none exists (TorchRec's sharded
+    modules need one even alone): plain single-process runs load the sharded teacher through it. True when this
+    call created it."""
     if not dist.is_available() or dist.is_initialized():
         return False
     import os
@@ -26,7 +27,7 @@ def ensure_process_group() -> bool:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
 
 

@@ -50,8 +50,9 @@ class CSR:
         """(row index in the chunk, item) pairs of ``users`` ``[B]``, both ``[nnz_chunk]``."""
         start, end = self.indptr[users], self.indptr[users + 1]
         lens = end - start
-        row = torch.repeat_interleave(torch.arange(len(users)), lens)
-        offs = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        dev = self.indptr.device
+        row = torch.repeat_interleave(torch.arange(len(users), device=dev), lens)
+        offs = torch.arange(int(lens.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
         return row, self.indices[torch.repeat_interleave(start, lens) + offs]
 
     def padded(self, users: Tensor) -> Tensor:

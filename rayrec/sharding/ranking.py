@@ -54,12 +54,13 @@ def sharded_topk(
     """
     rank, world = _world()
     D = queries.shape[1]
-    n = torch.tensor([queries.shape[0]], dtype=torch.int64)
+    dev = queries.device  # every buffer on the queries' device (nccl collectives need CUDA tensors)
+    n = torch.tensor([queries.shape[0]], dtype=torch.int64, device=dev)
     sizes = _all_gather(n).flatten()  # [W]
     bmax = int(sizes.max())
-    q = torch.zeros(bmax, D, dtype=queries.dtype)
+    q = torch.zeros(bmax, D, dtype=queries.dtype, device=dev)
     q[: queries.shape[0]] = queries
-    ids = torch.full((bmax,), -1, dtype=torch.int64)
+    ids = torch.full((bmax,), -1, dtype=torch.int64, device=dev)
     ids[: queries.shape[0]] = query_ids
     all_q = _all_gather(q).reshape(world * bmax, D)  # [W·B, D]
     all_ids = _all_gather(ids).reshape(world * bmax)  # [W·B]
@@ -70,7 +71,8 @@ def sharded_topk(
         from rayrec.eval.evaluate import CSR
 
         have = torch.nonzero(all_ids >= 0).flatten()
-        row, items = CSR(exclude_indptr, exclude_indices).rows(all_ids[have])  # excluded (query, key) pairs
+        row, items = CSR(exclude_indptr, exclude_indices).rows(all_ids[have].to(exclude_indptr.device))
+        row, items = row.to(dev), items.to(dev)  # excluded (query, key) pairs (the CSR may stay on the host)
         local = (items >= key_offset) & (items < key_offset + I_r)
         scores[have[row[local]], items[local] - key_offset] = -torch.inf
     if exclude_self and I_r > 0:
@@ -79,8 +81,8 @@ def sharded_topk(
         scores[rows, all_ids[rows] - key_offset] = -torch.inf
 
     kk = min(k, I_r)
-    part_s = torch.full((world * bmax, k), -torch.inf, dtype=scores.dtype)
-    part_i = torch.full((world * bmax, k), -1, dtype=torch.int64)
+    part_s = torch.full((world * bmax, k), -torch.inf, dtype=scores.dtype, device=dev)
+    part_i = torch.full((world * bmax, k), -1, dtype=torch.int64, device=dev)
     if kk > 0:
         v, i = torch.topk(scores, kk, dim=1, sorted=False)  # the merge below sorts (~20% cheaper at k=500)
         part_s[:, :kk] = v

@@ -165,6 +165,7 @@ def ingest_loop_per_worker(config: dict) -> dict:
     """The train loop's data path alone (benchmarks/data_path.py): ``epochs`` epochs of :func:`epoch_batches`,
     touching every batch, with no model; returns each epoch's rows and seconds on this rank."""
     import ray.train
+    import ray.train.torch
 
     from rayrec.config import TrainConfig
 
@@ -172,12 +173,14 @@ def ingest_loop_per_worker(config: dict) -> dict:
     world = ray.train.get_context().get_world_size()
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, tc.batch_size // max(world, 1))
+    device = ray.train.torch.get_device()  # the worker's GPU when use_gpu, else the CPU
     epochs = []
     for epoch in range(config["epochs"]):
         t0, rows, check = time.perf_counter(), 0, 0
         for batch in epoch_batches(shard, tc, per_worker_batch, epoch):
-            rows += len(batch["user"])
-            check += int(batch["item"][-1])  # the tensors are real, not lazily skipped
+            users, items = batch["user"].to(device), batch["item"].to(device)
+            rows += len(users)
+            check += int(items[-1])  # the tensors are real (and on the device), not lazily skipped
         took = time.perf_counter() - t0
         # every rank's rows; the epoch lasts as long as its slowest rank
         epochs.append({"rows": int(_allreduce_sum([rows])[0]), "check": int(_allreduce_sum([check])[0]),

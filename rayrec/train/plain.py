@@ -23,9 +23,10 @@ def _parquet_stream(path: Path):
     return [pq.read_table(str(path))]  # one pyarrow table, as Ray Data's batch_format="pyarrow" batches are
 
 
-def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threads: int = 1) -> list[dict]:
-    """Train ``cfg`` for ``epochs`` epochs in this process with ``threads`` torch threads; per epoch
-    ``{"rows", "s", "loss"}`` (the mean base loss per row)."""
+def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threads: int = 1,
+                 device: torch.device | str = "cpu") -> list[dict]:
+    """Train ``cfg`` for ``epochs`` epochs in this process with ``threads`` torch threads on ``device`` (the
+    teacher's 1-rank group is nccl on CUDA); per epoch ``{"rows", "s", "loss"}`` (the mean base loss per row)."""
     from rayrec.data.prepared import load_prepared
     from rayrec.eval.evaluate import EvalData
     from rayrec.models import build_model
@@ -42,7 +43,12 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    own_group = ensure_process_group() if cfg.distill.method != "none" else False
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    own_group = (ensure_process_group("nccl" if device.type == "cuda" else "gloo")
+                 if cfg.distill.method != "none" else False)
     try:
         tc = cfg.train
         pd = load_prepared(prepared)
@@ -50,19 +56,20 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
         sampler = NegativeSampler(evald.train.indptr.numpy(), evald.train.indices.numpy(), pd.num_items)
         torch.manual_seed(tc.seed)
         model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std,
-                            layers=cfg.model.layers, graph=(pd.train_user, pd.train_item))
+                            layers=cfg.model.layers, graph=(pd.train_user, pd.train_item)).to(device)
         ranking = _ranking_for(cfg)
         root = Path(ranking["path"]) if ranking else None
         names = {"teacher_topn": "topn", "teacher_user_nn": "user_neighbors", "teacher_item_nn": "item_neighbors"}
-        method, teacher = _build_distillation(cfg, pd, evald, torch.device("cpu"), 0, ranking,
+        method, teacher = _build_distillation(cfg, pd, evald, device, 0, ranking,
                                               stream=lambda name: _parquet_stream(root / names[name]))
-        task = TrainTask(model, reduction=tc.loss_reduction, world_size=1, method=method)
+        task = TrainTask(model, reduction=tc.loss_reduction, world_size=1, method=method).to(device)
         optim = torch.optim.Adam(list(task.parameters()), lr=tc.lr, weight_decay=tc.weight_decay)
         users = torch.from_numpy(np.asarray(pd.train_user, dtype=np.int64))
         items = torch.from_numpy(np.asarray(pd.train_item, dtype=np.int64))
         out = []
         for epoch in range(epochs):
             gen = epoch_generator(tc.seed, epoch, 0)
+            sync()
             t0 = time.perf_counter()
             if method is not None:
                 method.on_epoch_start(epoch, epoch_generator(tc.seed + 1, epoch, 0))
@@ -78,11 +85,12 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
             for a in range(0, len(order), tc.batch_size):
                 idx = order[a : a + tc.batch_size]
                 loss, terms = step_loss(task, method, teacher, sampler, users[idx], items[idx], tc.num_negatives,
-                                        gen, torch.device("cpu"))
+                                        gen, device)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
                 total += float(terms["base"])
+            sync()
             out.append({"rows": len(order), "s": time.perf_counter() - t0, "loss": total / len(order)})
         return out
     finally:
