@@ -7,7 +7,8 @@ Per base model: the teacher is trained through the sharded path (2 Ray Train wor
 distills it into a φ = 0.1 student (BPR 200 -> 20, NeuMF 252 -> 25: fbgemm's sharded tables need a multiple of 4,
 so the NeuMF teacher is 252 wide instead of the paper's 250) with the paper's training set-up, for each seed.
 Rows ``<model>_teacher``, ``<model>_<method>``: test metrics at the best valid H@5 epoch (mean over seeds,
-``metrics_std``), epoch time, and the paper's numbers in ``extra.paper``. The file (and ``derrd_citeulike.md``) is
+``metrics_std``), epoch time (``timing.epoch_s`` the mean, ``epoch_median_s`` the median over every epoch of every
+seed, which other work on the machine barely moves), and the paper's numbers in ``extra.paper``. The file (and ``derrd_citeulike.md``) is
 rewritten after every run with ``extra.complete`` false until the last one, so an interrupted run keeps what it
 measured. ``--smoke``: ML-100K, 1 epoch, 1 seed, tiny teacher, into ``benchmarks/results/smoke/``.
 """
@@ -61,6 +62,8 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
         "seeds": [r["config"]["train"]["seed"] for r in runs], "world_size": world,
         "metrics": mean, "metrics_std": std,
         "timing": {"epoch_s": round(statistics.fmean(r["timing"]["epoch_train_s"] for r in runs), 3),
+                   # robust to epochs slowed by other work on the machine (the mean is not)
+                   "epoch_median_s": round(statistics.median(h["time/train_s"] for r in runs for h in r["history"]), 3),
                    "eval_s": round(statistics.fmean(r["timing"]["epoch_eval_s"] for r in runs), 3)},
         "extra": {"paper": dict(zip(PAPER_KEYS, paper)) if paper else None,
                   "num_parameters": runs[0]["num_parameters"],
@@ -70,13 +73,15 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
 
 
 def _markdown(rows: list[dict]) -> str:
-    head = ["row", "H@5", "N@5", "H@10", "N@10", "H@20", "N@20", "Recall@20", "NDCG@20", "paper H@5", "epoch s", "seeds"]
+    head = ["row", "H@5", "N@5", "H@10", "N@10", "H@20", "N@20", "Recall@20", "NDCG@20", "paper H@5", "epoch s",
+            "median", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m, s = r["metrics"], r["metrics_std"]
         cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
         paper = r["extra"]["paper"]["test/H@5"] if r["extra"].get("paper") else None
         lines.append("| " + " | ".join([r["label"], *cell, f"{paper:.4f}" if paper else "", f"{r['timing']['epoch_s']:.2f}",
+                                        f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
                                         str(len(r["seeds"]))]) + " |")
     return "\n".join(lines) + "\n"
 

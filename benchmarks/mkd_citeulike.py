@@ -45,6 +45,8 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
         "seeds": [r["config"]["train"]["seed"] for r in runs], "world_size": runs[0]["world_size"],
         "metrics": mean, "metrics_std": std,
         "timing": {"epoch_s": round(statistics.fmean(r["timing"]["epoch_train_s"] for r in runs), 3),
+                   # robust to epochs slowed by other work on the machine (the mean is not)
+                   "epoch_median_s": round(statistics.median(h["time/train_s"] for r in runs for h in r["history"]), 3),
                    "eval_s": round(statistics.fmean(r["timing"]["epoch_eval_s"] for r in runs), 3)},
         "extra": {"num_parameters": runs[0]["num_parameters"], "best_epochs": [r["best_epoch"] for r in runs],
                   "epochs_run": [r["epochs_run"] for r in runs], "per_seed": ms},
@@ -52,7 +54,7 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
 
 
 def _markdown(rows: list[dict]) -> str:
-    head = ["row", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "vs teacher NDCG@20", "epoch s", "seeds"]
+    head = ["row", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "vs teacher NDCG@20", "epoch s", "median", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     teacher = {r["model"]: r["metrics"].get("full/NDCG@20") for r in rows if r["method"] == "teacher"}
     for r in rows:
@@ -61,6 +63,7 @@ def _markdown(rows: list[dict]) -> str:
         t = teacher.get(r["model"])
         ratio = f"{m['full/NDCG@20'] / t:.3f}" if t and "full/NDCG@20" in m else ""
         lines.append("| " + " | ".join([r["label"], *cell, ratio, f"{r['timing']['epoch_s']:.2f}",
+                                        f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
                                         str(len(r["seeds"]))]) + " |")
     return "\n".join(lines) + "\n"
 
