@@ -282,11 +282,11 @@ def evaluate(
                 if len(u) == 0:
                     continue
                 scores = model.score_all(u.to(device)).float().cpu()  # [B, I]
-                mask = torch.zeros(scores.shape, dtype=torch.bool)  # [B, I]
-                for cs in mask_csrs:
-                    row, items = cs.rows(u)
-                    mask[row, items] = True
-                m = full_ranking_metrics(scores, mask, truth, cfg.full_ks)
+                pairs = [cs.rows(u) for cs in mask_csrs]  # excluded (row, item) pairs, as a CSR over the chunk
+                row, items = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+                order = torch.argsort(row, stable=True)
+                indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(row, minlength=len(u)).cumsum(0)])
+                m = full_ranking_metrics(scores, (indptr, items[order]), truth, cfg.full_ks)
             vals = torch.stack([torch.nan_to_num(m[k].double(), nan=0.0).sum() for k in keys])
             sums[:-1] += vals
             sums[-1] += len(u)

@@ -74,7 +74,7 @@ def _check_scores(scores: Tensor, name: str = "scores") -> None:
         raise ValueError(f"{name} must be floating point, got {scores.dtype}")
 
 
-def _build_mask(
+def _mask_pairs(
     num_rows: int,
     num_items: int,
     device: torch.device,
@@ -82,7 +82,8 @@ def _build_mask(
     mask_indptr: Tensor | None,
     mask_indices: Tensor | None,
 ) -> Tensor | None:
-    """Returns the boolean ``[B, I]`` exclusion mask (a fresh tensor, never the caller's), or ``None`` for none."""
+    """The excluded ``(row, item)`` pairs ``[2, nnz]`` of a dense or CSR mask (checked), or a ``[B, I]`` bool tensor
+    (a copy of a dense ``mask``), or ``None`` for none."""
     if mask is not None and (mask_indptr is not None or mask_indices is not None):
         raise ValueError("give the mask either positionally or as mask_indptr/mask_indices, not both")
     if isinstance(mask, (tuple, list)):
@@ -112,18 +113,32 @@ def _build_mask(
             "mask_indptr must be non-decreasing with 0 <= indptr[0] and indptr[-1] <= len(mask_indices) "
             f"= {indices.numel()}"
         )
-    out = torch.zeros(num_rows, num_items, dtype=torch.bool, device=device)
     if num_rows == 0:
-        return out
+        return torch.zeros(2, 0, dtype=torch.int64, device=device)
     # A row range of a bigger CSR is accepted as is: row r owns indices[indptr[r]:indptr[r+1]].
     cols = indices[int(indptr[0]) : int(indptr[-1])]
-    if cols.numel():
-        if int(cols.min()) < 0 or int(cols.max()) >= num_items:
-            raise ValueError(
-                f"mask_indices must lie in [0, I) = [0, {num_items}), got [{int(cols.min())}, {int(cols.max())}]"
-            )
-        rows = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
-        out[rows, cols] = True
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= num_items):
+        raise ValueError(
+            f"mask_indices must lie in [0, I) = [0, {num_items}), got [{int(cols.min())}, {int(cols.max())}]"
+        )
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    return torch.stack([rows, cols])
+
+
+def _build_mask(
+    num_rows: int,
+    num_items: int,
+    device: torch.device,
+    mask: Mask,
+    mask_indptr: Tensor | None,
+    mask_indices: Tensor | None,
+) -> Tensor | None:
+    """Returns the boolean ``[B, I]`` exclusion mask (a fresh tensor, never the caller's), or ``None`` for none."""
+    m = _mask_pairs(num_rows, num_items, device, mask, mask_indptr, mask_indices)
+    if m is None or m.dtype == torch.bool:
+        return m
+    out = torch.zeros(num_rows, num_items, dtype=torch.bool, device=device)
+    out[m[0], m[1]] = True
     return out
 
 
@@ -312,6 +327,11 @@ def full_metrics_from_positions(pos: Tensor, valid: Tensor, ks: list[int]) -> di
     return out
 
 
+# Up to this many held-out columns, the positions are counted with one pass over [B, I] per column
+# (_heldout_positions_by_count); beyond, one top-k over [B, I] serves every column (_heldout_positions).
+COUNT_MAX_HELDOUT = 2
+
+
 def _full_ranking_block(
     scores: Tensor,
     mask: Mask,
@@ -322,17 +342,72 @@ def _full_ranking_block(
 ) -> dict[str, Tensor]:
     num_rows, num_items = scores.shape
     truth, valid = _check_truth(truth, num_rows, num_items, scores.device)
+    if truth.shape[1] <= COUNT_MAX_HELDOUT:
+        pairs = _mask_pairs(num_rows, num_items, scores.device, mask, mask_indptr, mask_indices)
+        if pairs is not None and pairs.dtype == torch.bool:
+            pairs = pairs.nonzero().T  # [2, nnz]
+        pairs = _unique_pairs(pairs, num_items, truth, valid)
+        pos = _heldout_positions_by_count(scores, pairs, truth, valid, max(ks))
+        return full_metrics_from_positions(pos, valid, ks)
     exclude = _build_mask(num_rows, num_items, scores.device, mask, mask_indptr, mask_indices)
     if exclude is not None and truth.numel():
         hit = exclude.gather(1, truth.clamp(min=0)) & valid
         if bool(hit.any()):
             r, c = (int(x) for x in hit.nonzero()[0])
-            raise ValueError(
-                f"held-out item {int(truth[r, c])} of row {r} is masked out; a held-out item must stay a candidate "
-                "(check that the train/valid/test splits are disjoint)"
-            )
+            _masked_heldout_error(r, int(truth[r, c]))
     pos = _heldout_positions(scores, exclude, truth, valid, max(ks))
     return full_metrics_from_positions(pos, valid, ks)
+
+
+def _masked_heldout_error(row: int, item: int) -> None:
+    raise ValueError(
+        f"held-out item {item} of row {row} is masked out; a held-out item must stay a candidate "
+        "(check that the train/valid/test splits are disjoint)"
+    )
+
+
+def _unique_pairs(pairs: Tensor | None, num_items: int, truth: Tensor, valid: Tensor) -> Tensor | None:
+    """Excluded ``(row, item)`` pairs ``[2, nnz]`` without duplicates; raises if one is a held-out item."""
+    if pairs is None or pairs.shape[1] == 0:
+        return None
+    key = torch.unique(pairs[0] * num_items + pairs[1])  # sorted
+    if truth.numel():
+        rows = torch.arange(truth.shape[0], device=truth.device).unsqueeze(1).expand_as(truth)
+        t_key = (rows * num_items + truth)[valid]
+        hit = torch.isin(t_key, key)
+        if bool(hit.any()):
+            k = int(t_key[hit][0])
+            _masked_heldout_error(k // num_items, k % num_items)
+    return torch.stack([key // num_items, key % num_items])
+
+
+def _heldout_positions_by_count(scores: Tensor, pairs: Tensor | None, truth: Tensor, valid: Tensor,
+                                kmax: int) -> Tensor:
+    """``[B, H]`` pessimistic positions of the held-out items by counting, equal to :func:`_heldout_positions`'s
+    at every cut-off ``<= kmax`` (positions beyond ``kmax`` are reported as ``kmax + 1``).
+
+    For a held-out score ``s_h``: every item with ``not (s_i < s_h)`` (ties pessimistic; a NaN candidate counts,
+    as it ranks above everything) is counted in one pass over the row, then the excluded ``pairs`` (unique, none of
+    them held out) and the held-out items themselves are taken back out of the count, sparsely. Cost: one
+    compare-and-count pass over ``[B, I]`` per held-out column and no ``[B, I]`` copy or top-k.
+    """
+    num_rows, num_items = scores.shape
+    raw = scores.gather(1, truth.clamp(min=0))  # [B, H] held-out scores as they are
+    th = torch.where(torch.isnan(raw), -torch.inf, raw)  # a NaN held-out item ranks below every candidate
+    counted = torch.full(truth.shape, num_items, dtype=torch.int64, device=scores.device)  # items not below s_h
+    for h in range(truth.shape[1]):
+        for a in range(0, num_items, 32_767):  # int16 sums (3x faster than int64 on CPU) over blocks they cannot overflow
+            below = scores[:, a : a + 32_767] < th[:, h : h + 1]  # [B, <=32767]
+            counted[:, h] -= below.sum(dim=1, dtype=torch.int16)
+    if pairs is not None:  # excluded items counted above
+        hit = ~(scores[pairs[0], pairs[1]].unsqueeze(1) < th[pairs[0]])  # [nnz, H]
+        counted -= torch.zeros_like(counted).index_add_(0, pairs[0], hit.long())
+    # held-out items counted above (each counts itself: not s_h < s_h, and a NaN one is counted like a NaN candidate)
+    counted -= (~(raw.unsqueeze(1) < th.unsqueeze(2)) & valid.unsqueeze(1)).sum(dim=2)
+    th = th.masked_fill(~valid, torch.nan)  # padding never counts as a held-out item ranked above another
+    col = torch.arange(th.shape[1], device=scores.device)
+    before = ((th.unsqueeze(1) > th.unsqueeze(2)) | ((th.unsqueeze(1) == th.unsqueeze(2)) & (col < col.unsqueeze(1)))).sum(dim=2)
+    return (1 + counted + before).clamp(max=kmax + 1)
 
 
 def full_ranking_metrics(
@@ -368,9 +443,11 @@ def full_ranking_metrics(
     Users with :math:`|T_u| = 0` get NaN for every metric. NaN scores: a NaN held-out item ranks below every
     candidate, a NaN candidate ranks above every held-out item.
 
-    The row is never sorted and no ``[B, H, I]`` tensor is built: the positions come from one ``[B, I]`` comparison
-    per column of ``truth`` (time :math:`O(B \cdot H \cdot I)`, memory :math:`O(B \cdot I)`, about 2.5x the size of
-    a float32 ``scores`` block plus ``scores`` itself; see :func:`chunk_size_for`).
+    The row is never sorted and no ``[B, H, I]`` tensor is built. With at most ``COUNT_MAX_HELDOUT`` (2) held-out
+    columns (leave-one-out) each position is counted in one compare-and-count pass over ``[B, I]``, the excluded
+    items taken back out sparsely; with more, one top-``max(ks)`` over a masked ``[B, I]`` copy serves every column
+    (memory :math:`O(B \cdot I)`, about 2.5x the size of a float32 ``scores`` block plus ``scores`` itself; see
+    :func:`chunk_size_for`). Both give the same metrics.
 
     Args:
         scores: ``[B, I]`` float scores of every item for each user of the chunk. Not modified.

@@ -462,11 +462,18 @@ def _brute_full(scores, mask, truth, ks):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_full_ranking_matches_brute_force_with_ties_nans_and_short_rows(seed):
+@pytest.mark.parametrize("H", [1, 2, 5])  # 1-2 held-out columns: counted positions; more: one top-k per chunk
+@pytest.mark.parametrize("csr", [False, True])
+def test_full_ranking_matches_brute_force_with_ties_nans_and_short_rows(seed, H, csr):
+    from rayrec.eval import metrics
+
+    assert (H <= metrics.COUNT_MAX_HELDOUT) == (H < 5)  # both paths are exercised
     g = torch.Generator().manual_seed(seed)
-    B, I, H = 12, 15, 5
+    B, I = 12, 15
     scores = torch.randint(0, 4, (B, I), generator=g).double()  # many ties
     scores[torch.rand(B, I, generator=g) < 0.05] = float("nan")
+    scores[torch.rand(B, I, generator=g) < 0.05] = float("inf")
+    scores[torch.rand(B, I, generator=g) < 0.05] = -float("inf")
     scores[0] = 1.0  # a constant row
     truth = torch.full((B, H), -1)
     mask = torch.zeros(B, I, dtype=torch.bool)
@@ -477,7 +484,35 @@ def test_full_ranking_matches_brute_force_with_ties_nans_and_short_rows(seed):
         n_mask = 12 if b % 3 == 0 else int(torch.randint(0, 6, (1,), generator=g))  # some rows: < kmax candidates
         mask[b, perm[H : H + n_mask]] = True
     ks = [1, 3, 5, 10]
-    got = full_ranking_metrics(scores, mask, truth, ks)
     want = _brute_full(scores, mask, truth, ks)
+    if csr:  # the same mask as (indptr, indices) with every entry listed twice (duplicates are allowed)
+        rows, cols = mask.nonzero(as_tuple=True)
+        rows, cols = torch.cat([rows, rows]), torch.cat([cols, cols])
+        order = torch.argsort(rows, stable=True)
+        mask = (torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(rows, minlength=B).cumsum(0)]),
+                cols[order])
+    got = full_ranking_metrics(scores, mask, truth, ks)
     for k in want:
         torch.testing.assert_close(got[k].double(), want[k], equal_nan=True, msg=k)
+
+
+def test_counted_positions_equal_the_top_k_path_over_a_wide_catalogue(monkeypatch):
+    """More items than one int16 count block (32767): the counted positions span blocks and agree with the top-k
+    path on every metric."""
+    from rayrec.eval import metrics
+
+    g = torch.Generator().manual_seed(0)
+    B, I = 6, 70_000
+    scores = torch.randint(0, 10_000, (B, I), generator=g).float()  # ~7 items per score: ties across blocks
+    truth = torch.stack([torch.randperm(I, generator=g)[:2] for _ in range(B)])
+    truth[0, 1] = -1
+    scores[torch.arange(B), truth[:, 0]] = torch.tensor([9_999.0, 9_990.0, 9_900.0, 9_000.0, 5_000.0, 0.0])
+    mask = torch.rand(B, I, generator=g) < 0.3
+    mask[torch.arange(B).unsqueeze(1), truth.clamp(min=0)] = False
+    ks = [1, 10, 100, 1000]
+    counted = full_ranking_metrics(scores, mask, truth, ks)
+    monkeypatch.setattr(metrics, "COUNT_MAX_HELDOUT", 0)
+    top_k = full_ranking_metrics(scores, mask, truth, ks)
+    assert 0 < float(counted["Recall@1000"].mean()) < 1
+    for k in top_k:
+        torch.testing.assert_close(counted[k], top_k[k], equal_nan=True, msg=k)
