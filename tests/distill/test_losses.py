@@ -14,6 +14,7 @@ from rayrec.distill.lists import Uninteresting, rank_discounted
 from rayrec.distill.losses import relaxed_ranking_nll, soft_bce, weighted_log_sigmoid_nll
 from rayrec.distill.rd import RD, RDConfig
 from rayrec.distill.rrd import RRD, RRDConfig
+from rayrec.errors import ConfigError
 from rayrec.models import BPR, NeuMF
 
 
@@ -254,3 +255,19 @@ def test_de_sparse_mixture_matches_all_experts_when_the_selection_is_nearly_one_
     # a soft selection keeps the dense path (every expert counts)
     soft = torch.softmax(torch.randn(50, 6), dim=-1)
     torch.testing.assert_close(ex.mixture(h, soft, skip_below=1e-6), ex.mixture(h, soft))
+
+
+@pytest.mark.parametrize("tau", [1.0, 1e-3])  # the dense (soft) and the sparse (nearly one-hot) mixture
+def test_de_bf16_experts_track_fp32_and_train_every_part(tau):
+    torch.manual_seed(0)
+    ex = Experts(30, 20, 200)
+    h_s, h_t = torch.randn(256, 20, requires_grad=True), torch.randn(256, 200)
+    g32, g16 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    fp32 = ex(h_s, h_t, tau, g32)
+    bf16 = ex(h_s, h_t, tau, g16, bf16=True)
+    assert bf16.dtype == torch.float32 and bf16.shape == (256,)
+    torch.testing.assert_close(bf16, fp32, rtol=3e-2, atol=1e-2)  # bfloat16 keeps 8 bits of mantissa
+    grads = torch.autograd.grad(bf16.sum(), [h_s, ex.w1, ex.w2, ex.select.weight])
+    assert all(g.dtype == torch.float32 and bool(g.abs().sum() > 0) for g in grads)
+    with pytest.raises(ConfigError, match="precision must be fp32 or bf16"):
+        DEConfig(precision="fp16")
