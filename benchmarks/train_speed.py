@@ -3,8 +3,8 @@
     RAYREC_DATA=../shared/data .venv/bin/python benchmarks/train_speed.py --teacher-checkpoint <ckpt> \
         [--ranking <rank_teacher output with top-500 and 5 user/item neighbours>]
 
-On CiteULike-t's DE-RRD split, a BPR d=20 student with each method (student alone ``none``, ``de``, ``rrd``,
-``de_rrd``, ``mkd``; the paper-default configs, ``configs/distill/``) distilled from the given sharded BPR
+On CiteULike-t's DE-RRD split, a BPR d=20 student with each method (student alone ``none``, ``de``, ``de_bf16`` (DE
+with ``distill.de.precision=bf16``), ``rrd``, ``de_rrd``, ``mkd``; the paper-default configs, ``configs/distill/``) distilled from the given sharded BPR
 teacher, for ``--epochs`` measured epochs after one warm-up epoch, trained three ways:
 
 - ``plain``: :func:`rayrec.train.plain.plain_epochs`, the loop's steps in this process (1 thread, no Ray);
@@ -40,9 +40,10 @@ from benchmarks.common import (add_device_arg, command_line, commit, device_of, 
                                synchronize, write_result)
 from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
 
-METHODS = ["none", "de", "rrd", "de_rrd", "mkd"]
-DISTILL = {"none": "distill/de_rrd", "de": "distill/de_rrd", "rrd": "distill/de_rrd", "de_rrd": "distill/de_rrd",
-           "mkd": "distill/mkd"}
+METHODS = ["none", "de", "de_bf16", "rrd", "de_rrd", "mkd"]
+DISTILL = {"none": "distill/de_rrd", "de": "distill/de_rrd", "de_bf16": "distill/de_rrd", "rrd": "distill/de_rrd",
+           "de_rrd": "distill/de_rrd", "mkd": "distill/mkd"}
+VARIANT = {"de_bf16": ("de", ["distill.de.precision=bf16"])}  # a method run with other settings: (method, overrides)
 
 
 def _config(args, method: str, teacher: dict, ranking: str, overrides: list[str]):
@@ -50,7 +51,8 @@ def _config(args, method: str, teacher: dict, ranking: str, overrides: list[str]
     extra = ["data.num_eval_negatives=99"] if args.smoke else []
     return load_config([CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "model/bpr_d20.yaml",
                         CONFIG_DIR / f"{DISTILL[method]}.yaml"],
-                       [f"name=speed_{method}", f"distill.method={method}",
+                       [f"name=speed_{method}", f"distill.method={VARIANT.get(method, (method,))[0]}",
+                        *VARIANT.get(method, (method, []))[1],
                         f"distill.teacher.checkpoint={teacher['checkpoint']}", f"distill.teacher.ranking={ranking}",
                         f"distill.teacher.name={teacher['name']}", f"distill.teacher.dim={teacher['dim']}",
                         f"train.max_epochs={args.epochs + 1}", "train.patience=1000", "train.threads_per_worker=1",
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         cost.append({"label": method, "model": "bpr", "method": method, "dim": 20, "world_size": max(1, min(args.workers)),
                      "timing": {"epoch_s": round(epoch_s[method], 4)},
                      "extra": {"epoch_ratio": round(epoch_s[method] / epoch_s["none"], 4),
-                               "target_epoch_ratio": {"de": 6.0, "rrd": 2.0}.get(method)}})
+                               "target_epoch_ratio": {"de": 6.0, "de_bf16": 6.0, "rrd": 2.0}.get(method)}})
     if eval_row is not None:
         eval_row["extra"]["eval_vs_student_epoch_ratio"] = round(eval_row["timing"]["eval_s"] / epoch_s["none"], 4)
         cost.append(eval_row)
