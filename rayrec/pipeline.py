@@ -146,11 +146,12 @@ class _Stages:
             else:
                 try:
                     ckpt = latest_checkpoint(cfg, since=rec["since"])
-                    progress(f"[pipeline] {key}: continuing from {ckpt}")
-                    self._record(key, fp, rec["since"])
-                    return self._finish(key, fit(cfg, prepared=prepared, resume_from=str(ckpt), progress=progress))
                 except ArtifactError:
+                    ckpt = None
                     progress(f"[pipeline] {key}: cut short before its first checkpoint, starting over")
+                if ckpt is not None:  # later stages were not trained yet: they keep self.rerun as it is
+                    progress(f"[pipeline] {key}: continuing from {ckpt}")
+                    return self._finish(key, fit(cfg, prepared=prepared, resume_from=str(ckpt), progress=progress))
         self.rerun = True
         self._record(key, fp, time.strftime("%Y%m%d-%H%M%S"))
         return self._finish(key, fit(cfg, prepared=prepared, progress=progress))
