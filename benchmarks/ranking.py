@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> Path:
         from rayrec.teacher.rank import rank_teacher
 
         tcfg = load_config([CONFIG_DIR / "data/citeulike_t_derrd.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"],
-                           [f"model.dim={args.dim}", f"rank.top_n={args.top_n}", "ray.num_workers=2",
+                           ["name=bench_ranking", f"model.dim={args.dim}", f"rank.top_n={args.top_n}", "ray.num_workers=2",
                             *(["ray.use_gpu=true"] if args.device == "cuda" else []), *args.overrides])
         out = rank_teacher(tcfg, args.teacher_checkpoint)
         info = json.loads((Path(out) / "manifest.json").read_text())

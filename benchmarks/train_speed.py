@@ -21,7 +21,7 @@ Two result files:
   <= 1).
 
 ``--device cuda``: the plain loop, the Ray workers (``ray.use_gpu=true``, one GPU each) and the full evaluation on
-GPUs, written to ``throughput_cuda.json`` / ``method_cost_cuda.json``. Without ``--ranking`` the teacher is ranked first (top-500, 5 user and item neighbours). ``--smoke``: ML-100K,
+GPUs, written to ``throughput_cuda.json`` / ``method_cost_cuda.json``. Without ``--ranking`` the teacher is ranked first (into ``<storage_root>/rankings/speed_teacher``) (top-500, 5 user and item neighbours). ``--smoke``: ML-100K,
 the given teacher (e.g. the test suite's), 1 measured epoch, ``ray.num_workers`` from ``--workers``, into
 ``benchmarks/results/smoke/``.
 """
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
         data = "data/ml100k" if args.smoke else "data/citeulike_t_derrd"
         rcfg = load_config([CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"],
-                           [f"model.name={teacher['name']}", f"model.dim={teacher['dim']}", "rank.top_n=500",
+                           ["name=speed_teacher", f"model.name={teacher['name']}", f"model.dim={teacher['dim']}",
+                            "rank.top_n=500",
                             "rank.user_neighbors=5", "rank.item_neighbors=5", *args.overrides,
                             *(["data.num_eval_negatives=99", "rank.top_n=100"] if args.smoke else [])])
         ranking = str(rank_teacher(rcfg, args.teacher_checkpoint))
