@@ -21,7 +21,8 @@ Two result files:
   <= 1).
 
 ``--device cuda``: the plain loop, the Ray workers (``ray.use_gpu=true``, one GPU each) and the full evaluation on
-GPUs, written to ``throughput_cuda.json`` / ``method_cost_cuda.json``. Without ``--ranking`` the teacher is ranked first (into ``<storage_root>/rankings/speed_teacher``) (top-500, 5 user and item neighbours). ``--smoke``: ML-100K,
+GPUs, written to ``throughput_cuda.json`` / ``method_cost_cuda.json``. Without ``--ranking`` the teacher is ranked
+first (top-500, 5 user and item neighbours, into ``<storage_root>/rankings/speed_teacher``). ``--smoke``: ML-100K,
 the given teacher (e.g. the test suite's), 1 measured epoch, ``ray.num_workers`` from ``--workers``, into
 ``benchmarks/results/smoke/``.
 """
