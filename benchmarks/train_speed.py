@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                             "rank.top_n=500",
                             "rank.user_neighbors=5", "rank.item_neighbors=5", *args.overrides,
                             *(["data.num_eval_negatives=99", "rank.top_n=100"] if args.smoke else [])])
-        ranking = str(rank_teacher(rcfg, args.teacher_checkpoint))
+        ranking = str(rank_teacher(rcfg, args.teacher_checkpoint, resume=True))  # kept when already there
     smoke_mkd = ["distill.cpd.mxK=100", "distill.sld.K=10"] if args.smoke else []
     base_cfg = _config(args, "none", teacher, ranking, [])
     prepared = prepare(base_cfg.data, prepared_root(base_cfg), progress=lambda s: None)
