@@ -125,16 +125,10 @@ def _mask_pairs(
     return torch.stack([rows, cols])
 
 
-def _build_mask(
-    num_rows: int,
-    num_items: int,
-    device: torch.device,
-    mask: Mask,
-    mask_indptr: Tensor | None,
-    mask_indices: Tensor | None,
-) -> Tensor | None:
-    """Returns the boolean ``[B, I]`` exclusion mask (a fresh tensor, never the caller's), or ``None`` for none."""
-    m = _mask_pairs(num_rows, num_items, device, mask, mask_indptr, mask_indices)
+def _build_mask(num_rows: int, num_items: int, device: torch.device, *mask_args) -> Tensor | None:
+    """Returns the boolean ``[B, I]`` exclusion mask (a fresh tensor, never the caller's), or ``None`` for none;
+    ``mask_args``: ``mask, mask_indptr, mask_indices`` as :func:`_mask_pairs` takes them."""
+    m = _mask_pairs(num_rows, num_items, device, *mask_args)
     if m is None or m.dtype == torch.bool:
         return m
     out = torch.zeros(num_rows, num_items, dtype=torch.bool, device=device)
