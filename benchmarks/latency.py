@@ -32,21 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import add_device_arg, command_line, commit, device_of, result_path, write_result  # noqa: E402
+from benchmarks.common import (add_device_arg, command_line, commit, device_of, result_path,  # noqa: E402
+                               synchronize, write_result)
 
 
 def timed(fn, users: torch.Tensor, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
     """p50/p90/p99 (ms) of ``fn(users)`` after ``warmup`` calls (CUDA: synchronised around each call)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(warmup):
             fn(users)
-        sync()
+        synchronize(device)
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             fn(users)
-            sync()
+            synchronize(device)
             times.append((time.perf_counter() - t) * 1e3)
     q = statistics.quantiles(times, n=100, method="inclusive") if len(times) > 1 else [times[0]] * 99
     return {"p50_ms": round(statistics.median(times), 3), "p90_ms": round(q[89], 3), "p99_ms": round(q[98], 3)}

@@ -107,10 +107,8 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
                           topn_scores=topn_scores, neighbors=neighbors)
     teacher = None
     if needs(dc).checkpoint and method.needs_teacher:
-        from rayrec.distributed import ensure_process_group
         from rayrec.teacher.frozen import load_frozen_teacher
 
-        ensure_process_group()  # a plain process (rayrec.train.plain): a 1-rank gloo group for TorchRec
         teacher = load_frozen_teacher(dc.teacher.checkpoint, name=dc.teacher.name, num_users=pd.num_users,
                                       num_items=pd.num_items, dim=dc.teacher.dim, sharding_type=dc.teacher.sharding,
                                       device=device, layers=dc.teacher.layers, graph=(pd.train_user, pd.train_item))
