@@ -72,21 +72,6 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
     }
 
 
-def _dense_full_eval(checkpoint: str, cfg) -> dict:
-    """Full-ranking test metrics of a sharded teacher whose sharded full evaluation is not implemented (NeuMF): its
-    DCP shards read into this process (a CiteULike-t NeuMF 252 is ~70 MB) and evaluated densely, same protocol."""
-    from rayrec.data.prepared import load_prepared
-    from rayrec.eval.evaluate import EvalData, evaluate
-    from rayrec.serve import load_dense_model
-
-    summary = json.loads((Path(checkpoint) / "summary.json").read_text())
-    model = load_dense_model(checkpoint, summary["prepared"])
-    evald = EvalData.from_prepared(load_prepared(summary["prepared"]))
-    m = evaluate(model, evald, "test", cfg.eval, sampled=False, full=True)
-    print(f"[bench] teacher full evaluation (dense, in the driver): {m}", flush=True)
-    return {k: v for k, v in m.items() if k.startswith("full/")}
-
-
 def _markdown(rows: list[dict]) -> str:
     head = ["row", "H@5", "N@5", "H@10", "N@10", "H@20", "N@20", "Recall@20", "NDCG@20", "paper H@5", "epoch s",
             "median", "seeds"]
@@ -150,11 +135,8 @@ def main(argv: list[str] | None = None) -> Path:
             t = json.loads((Path(ckpt) / "summary.json").read_text())
             t.setdefault("config", {"train": {"seed": 0}})  # summaries written before they carried the config
         else:
-            t_cfg = load_config(teacher_files, [*teacher_over, *([] if model == "bpr" else ["eval.full=false"])])
-            t = fit(t_cfg)
+            t = fit(load_config(teacher_files, teacher_over))
             ckpt = t["checkpoint"]
-            if model != "bpr":
-                t["metrics"].update(_dense_full_eval(ckpt, t_cfg))
         rows.append(_row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim), t["world_size"]))
         rows[-1]["extra"]["checkpoint"] = str(ckpt)
         flush(False)

@@ -10,7 +10,8 @@ Keys: sampled ``<split>/H@K``, ``<split>/N@K``, ``<split>/M@K``; full ranking ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,12 +98,28 @@ def _num_chunks(n: int, chunk: int, lockstep: bool) -> int:
     return int(_allreduce(torch.tensor([mine]), dist.ReduceOp.MAX)[0]) if lockstep else mine
 
 
+class DotRows:
+    """How a row-sharded dot-product model (BPR) scores its item rows: query = the user's embedding."""
+
+    def query_repr(self, reprs: dict[str, Tensor]) -> Tensor:
+        return reprs["emb"]  # [B, D]
+
+    def block(self, q: Tensor, k: Tensor) -> Tensor:
+        return q @ k.T.to(q.dtype)  # [Q, I_r]
+
+    def pairs(self, q: Tensor, k: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return (k[ki].to(q.dtype) * q[qi]).sum(dim=1)  # [n]
+
+
 @dataclass
 class RowShard:
-    """This rank's rows ``[offset, offset + I_r)`` of a row-wise sharded item table ``[I_r, D]`` (BPR teacher)."""
+    """This rank's rows ``[offset, offset + I_r)`` of a row-wise sharded item table, as keys ``[I_r, D_k]`` for
+    ``scorer``: the raw rows for a dot-product model (BPR, :class:`DotRows`), NeuMF's
+    :class:`rayrec.models.neumf.SplitHead` keys (recomputed from the current MLP weights for each evaluation)."""
 
     rows: Tensor
     offset: int
+    scorer: Any = field(default_factory=DotRows)  # query_repr / block / pairs (see DotRows)
 
 
 def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th: Tensor, shard: RowShard,
@@ -135,7 +152,7 @@ def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th
     E = E[:, E[0] >= 0]
 
     I_r, off = shard.rows.shape[0], shard.offset
-    s = Q @ shard.rows.T.to(Q.dtype)  # [W·B, I_r]
+    s = shard.scorer.block(Q, shard.rows)  # [W·B, I_r]
     s = torch.where(torch.isnan(s), torch.inf, s)  # NaN candidates rank above everything
     drop = torch.zeros_like(s, dtype=torch.bool)
     loc = (E[1] >= off) & (E[1] < off + I_r)
@@ -157,31 +174,32 @@ def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th
 
 
 def _sharded_candidate_scores(q: Tensor, cand: Tensor, shard: RowShard) -> Tensor:
-    """Dot-product scores ``[B, C]`` of this rank's users ``q`` ``[B, D]`` for their candidates ``cand``
-    ``[B, C]`` against a row-sharded item table (collective). Every rank gathers all ranks' queries and candidate
-    ids, scores the candidates among *its* rows (0 elsewhere), and the partial scores are summed over ranks: each
-    candidate row lives on exactly one rank. Moves ``W·B·(D + 2C)`` numbers instead of looking up ``B·C`` item
-    rows of ``D`` floats through the sharded tables."""
+    """Scores ``[B, C]`` of this rank's users (queries ``q`` ``[B, D_q]``, see :class:`RowShard`) for their
+    candidates ``cand`` ``[B, C]`` against a row-sharded item table (collective). Every rank gathers all ranks'
+    queries and candidate ids, scores the candidates among *its* rows (0 elsewhere), and the partial scores are
+    summed over ranks: each candidate row lives on exactly one rank. Moves ``W·B·(D_q + 2C)`` numbers instead of
+    looking up ``B·C`` item rows through the sharded tables (and, for NeuMF, runs the MLP's first layer once per
+    user and once per item instead of once per pair)."""
     rank, W = _dist_world()
     B, C = cand.shape
     Bm = int(_allreduce(torch.tensor([B]), dist.ReduceOp.MAX)[0])
-    qp = torch.zeros(Bm, q.shape[1], dtype=torch.float32)
+    qp = torch.zeros(Bm, shard.rows.shape[1], dtype=torch.float32)
     qp[:B] = q
     cp = torch.full((Bm, C), -1, dtype=torch.int64)
     cp[:B] = cand
-    Q, Cg = _gather(qp), _gather(cp)  # [W, Bm, D], [W, Bm, C]
+    Q, Cg = _gather(qp), _gather(cp)  # [W, Bm, D_q], [W, Bm, C]
     rows, off = shard.rows, shard.offset
     I_r, D = rows.shape
     local = (Cg >= off) & (Cg < off + I_r)  # [W, Bm, C]
     s = torch.zeros(W, Bm, C, dtype=torch.float32)
     w, b, c = torch.nonzero(local, as_tuple=True)
-    if I_r <= 2 * C * D:
+    if isinstance(shard.scorer, DotRows) and I_r <= 2 * C * D:
         # every query against all local rows in one GEMM, then the candidates picked out: cheaper than gathering
         # ~Bm·C rows of D floats while the block of rows is small
         full = Q.reshape(W * Bm, D) @ rows.float().T  # [W·Bm, I_r]
         s[w, b, c] = full[w * Bm + b, Cg[w, b, c] - off]
     else:
-        s[w, b, c] = (rows[Cg[w, b, c] - off].float() * Q[w, b]).sum(dim=1)
+        s[w, b, c] = shard.scorer.pairs(Q.reshape(W * Bm, -1), rows.float(), w * Bm + b, Cg[w, b, c] - off)
     return _allreduce(s)[rank, :B]  # [B, C]
 
 
@@ -228,21 +246,23 @@ def evaluate(
         keys = [f"{m}@{k}" for k in cfg.sampled_ks for m in ("H", "N", "M")]
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
         # a row-sharded dot-product model: candidates scored on the rank holding their rows
-        by_rows = shard is not None and getattr(model, "shard_dot", False)
+        by_rows = shard is not None and getattr(model, "shard_rows", False)
         for c in range(_num_chunks(len(users), chunk, lockstep)):
             u = users[c * chunk : (c + 1) * chunk]  # [B]
             if len(u) == 0:  # lockstep padding: dummy collectives keep the ranks matched
                 dummy = torch.zeros(1, dtype=torch.int64, device=device)
                 if by_rows:
                     model.user_repr(dummy)
-                    _sharded_candidate_scores(torch.zeros(0, model.dim), torch.zeros(0, N + 1, dtype=torch.int64), shard)
+                    _sharded_candidate_scores(torch.zeros(0, shard.rows.shape[1]), torch.zeros(0, N + 1, dtype=torch.int64),
+                                              shard)
                 else:
                     model.score(dummy, dummy.view(1, 1))
                 continue
             pos = truth_csr.indices[truth_csr.indptr[u]]  # [B]
             cand = torch.cat([pos.unsqueeze(1), data.negatives[u]], dim=1)  # [B, 1 + N]
             if by_rows:
-                scores = _sharded_candidate_scores(model.user_repr(u.to(device))["emb"].float().cpu(), cand, shard)
+                q = shard.scorer.query_repr(model.user_repr(u.to(device))).float().cpu()  # [B, D_q]
+                scores = _sharded_candidate_scores(q, cand, shard)
             else:
                 scores = model.score(u.to(device), cand.to(device)).float().cpu()  # [B, 1 + N]
             m = sampled_metrics(sampled_ranks(scores[:, 0], scores[:, 1:]), cfg.sampled_ks)
@@ -266,7 +286,8 @@ def evaluate(
             u = users[c * chunk : (c + 1) * chunk]  # [B]
             truth = truth_csr.padded(u)  # [B, H]
             if shard is not None:  # row-sharded table: distributed positions, same pessimistic rule
-                q = model.user_repr(u.to(device))["emb"].float().cpu() if len(u) else torch.zeros(0, model.dim)
+                q = (shard.scorer.query_repr(model.user_repr(u.to(device))).float().cpu() if len(u)
+                     else torch.zeros(0, shard.rows.shape[1]))
                 th = (model.score(u.to(device), truth.clamp(min=0).to(device)).float().cpu() if len(u)
                       else torch.zeros(0, truth.shape[1]))
                 if len(u) == 0:  # lockstep padding: match the two lookups of the other ranks

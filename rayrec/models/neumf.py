@@ -81,3 +81,58 @@ class NeuMF(Recommender):
         labels = torch.zeros_like(logits)
         labels[:, 0] = 1.0
         return reduce(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), reduction)
+
+
+class SplitHead:
+    """NeuMF's prediction split at the first MLP layer, so that a user's half and an item's half are each computed
+    once and a (user, item) score costs ``O(D)`` instead of a ``2D x D`` layer:
+
+    .. math::
+
+        s(u, i) = \\underbrace{(p_u \\odot h_g)}_{\\text{query}} \\cdot q_i
+                  + h_m^\\top \\mathrm{ReLU}(\\underbrace{W_u p'_u}_{\\text{query}} + \\underbrace{W_i q'_i + b}_{\\text{key}}) + h_0
+
+    Queries ``[Q, 2D]`` = ``[p_u ⊙ h_g | W_u p'_u]`` (:meth:`query` of the raw ``[gmf | mlp]`` user vectors), keys
+    ``[I, 2D]`` = ``[q_i | W_i q'_i + b]`` (:meth:`key`). Used where item rows live on other ranks than the users
+    (distributed ranking and evaluation of a row-sharded NeuMF): each rank turns its own item rows into keys once,
+    and scores gathered queries against them. ``budget_elems`` bounds the ``[., ., D]`` ReLU block of one step.
+    """
+
+    def __init__(self, mlp: nn.Linear, predict: nn.Linear, dim: int, budget_elems: int = 1 << 24) -> None:
+        self.dim, self.budget = dim, budget_elems
+        self.w_u, self.w_i, self.b = mlp.weight[:, :dim].detach(), mlp.weight[:, dim:].detach(), mlp.bias.detach()
+        self.h_g, self.h_m = predict.weight[0, :dim].detach(), predict.weight[0, dim:].detach()
+        self.h0 = predict.bias[0].detach()
+
+    def query(self, users: Tensor) -> Tensor:
+        """Raw user vectors ``[Q, 2D]`` (gmf | mlp) -> queries ``[Q, 2D]``."""
+        D = self.dim
+        return torch.cat([users[:, :D] * self.h_g, users[:, D:] @ self.w_u.T], dim=1)
+
+    def query_repr(self, reprs: dict[str, Tensor]) -> Tensor:
+        """:meth:`query` of a model's ``user_repr`` output."""
+        return self.query(torch.cat([reprs["gmf"], reprs["mlp"]], dim=1))
+
+    def key(self, items: Tensor) -> Tensor:
+        """Raw item vectors ``[I, 2D]`` (gmf | mlp) -> keys ``[I, 2D]``."""
+        D = self.dim
+        return torch.cat([items[:, :D], items[:, D:] @ self.w_i.T + self.b], dim=1)
+
+    def block(self, q: Tensor, k: Tensor) -> Tensor:
+        """Every query against every key: ``[Q, 2D] x [I, 2D] -> [Q, I]``."""
+        D = self.dim
+        out = q[:, :D] @ k[:, :D].T + self.h0  # [Q, I] GMF half
+        step = max(1, self.budget // max(1, q.shape[0] * D))
+        for s in range(0, k.shape[0], step):
+            out[:, s : s + step] += F.relu(q[:, None, D:] + k[None, s : s + step, D:]) @ self.h_m  # [Q, c, D] -> [Q, c]
+        return out
+
+    def pairs(self, q: Tensor, k: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        """Scores of the pairs ``(q[qi[n]], k[ki[n]])`` -> ``[n]``."""
+        D = self.dim
+        out = torch.empty(len(qi), dtype=q.dtype, device=q.device)
+        step = max(1, self.budget // max(1, 2 * D))
+        for s in range(0, len(qi), step):
+            a, c = q[qi[s : s + step]], k[ki[s : s + step]]  # [n_c, 2D]
+            out[s : s + step] = ((a[:, :D] * c[:, :D]).sum(1) + F.relu(a[:, D:] + c[:, D:]) @ self.h_m + self.h0)
+        return out

@@ -87,7 +87,7 @@ class ShardedBPR(Recommender):
     KEYS = ["user", "item"]
     one_id_per_row = False  # set by shard_model for data_parallel (see _embed)
     # score = user row . item row: evaluation may score a rank's own item rows locally (rayrec.eval.evaluate)
-    shard_dot = True
+    shard_rows = True
 
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
                  device: torch.device | str = "meta") -> None:
@@ -128,6 +128,8 @@ class ShardedNeuMF(Recommender):
 
     KEYS = ["gmf_user", "gmf_item", "mlp_user", "mlp_item"]
     one_id_per_row = False  # set by shard_model for data_parallel (see _embed)
+    # evaluation may score a rank's own item rows locally, through the split head (rayrec.models.neumf.SplitHead)
+    shard_rows = True
 
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01,
                  device: torch.device | str = "meta") -> None:

@@ -67,29 +67,12 @@ class TeacherBlocks:
 
 
 def _neumf_scorer(model, dim: int, budget_elems: int = 1 << 24) -> Callable[[Tensor, Tensor], Tensor]:
-    """NeuMF's score of queries ``[Q, 2D]`` (gmf_u | mlp_u) against keys ``[I_r, 2D]`` (gmf_i | mlp_i).
+    """NeuMF's score of queries ``[Q, 2D]`` (gmf_u | mlp_u) against keys ``[I_r, 2D]`` (gmf_i | mlp_i), through
+    :class:`rayrec.models.neumf.SplitHead` (user and item halves of the MLP's first layer computed once each)."""
+    from rayrec.models.neumf import SplitHead
 
-    ``predict([gu * gi, relu(W_u mu + W_i mi + b)])``: the GMF half is one matmul; the MLP half is ``[Q, c, D]``
-    per chunk of ``c`` items, ``c`` bounded by ``budget_elems``.
-    """
-    W = model.mlp.weight  # [D, 2D]
-    b = model.mlp.bias  # [D]
-    p = model.predict.weight[0]  # [2D]
-    p0 = model.predict.bias[0]
-
-    def score(q: Tensor, k: Tensor) -> Tensor:
-        gu, mu = q[:, :dim], q[:, dim:]
-        gi, mi = k[:, :dim], k[:, dim:]
-        out = (gu * p[:dim]) @ gi.T + p0  # [Q, I_r]
-        a = mu @ W[:, :dim].T  # [Q, D] user half of the MLP, once per user
-        c = mi @ W[:, dim:].T + b  # [I_r, D] item half, once per item
-        step = max(1, budget_elems // max(1, q.shape[0] * dim))
-        for s in range(0, k.shape[0], step):
-            h = F.relu(a[:, None, :] + c[None, s : s + step, :])  # [Q, c, D]
-            out[:, s : s + step] += h @ p[dim:]
-        return out
-
-    return score
+    head = SplitHead(model.mlp, model.predict, dim, budget_elems)
+    return lambda q, k: head.block(head.query(q), head.key(k))
 
 
 def teacher_blocks(teacher, name: str, dim: int) -> TeacherBlocks:

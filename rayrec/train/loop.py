@@ -268,18 +268,23 @@ def train_loop_per_worker(config: dict) -> dict | None:
                    f"{time.perf_counter() - t_replay:.1f}s")
     row_shard = weights.item_row_shard() if sharded else None
 
-    def eval_shard():
-        """The item rows this rank ranks in distributed full evaluation: the table's row block (BPR) or, for a
-        sharded LightGCN, its propagated item block, recomputed from the current weights (collective)."""
-        if not sharded or not hasattr(model, "propagated_blocks"):
-            return row_shard
-        from rayrec.eval.evaluate import RowShard
+    def eval_shard(full: bool):
+        """The item rows this rank scores in distributed evaluation (collective): the table's row block (BPR);
+        NeuMF's split-head keys, recomputed from the current MLP weights; for a full ranking of a sharded
+        LightGCN, its propagated item block, recomputed from the current weights."""
+        if not sharded:
+            return None
+        if full and hasattr(model, "propagated_blocks"):
+            from rayrec.eval.evaluate import RowShard
 
-        model.eval()
-        model.clear_cache()
-        with torch.no_grad():
-            _, (items, offset) = model.propagated_blocks()
-        return RowShard(items, offset)
+            model.eval()
+            model.clear_cache()
+            with torch.no_grad():
+                _, (items, offset) = model.propagated_blocks()
+            return RowShard(items, offset)
+        if row_shard is not None and hasattr(row_shard.scorer, "key"):
+            return weights.item_row_shard()
+        return row_shard
     _log(rank, f"[train] {cfg.model.name} d={cfg.model.dim} params={weights.num_parameters():,} "
                f"{'sharded ' + cfg.model.sharding + ' ' if sharded else ''}"
                f"workers={world} batch/worker={per_worker_batch} threads/worker={threads}")
@@ -343,7 +348,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         rows, steps = totals[-2], totals[-1]
         term_sums = dict(zip(names, totals[:-2]))
         metrics = evaluate(model, evald, "valid", ec, sampled=ec.sampled, full=ec.full_each_epoch, device=device,
-                           shard=eval_shard() if ec.full_each_epoch else row_shard, lockstep=sharded)
+                           shard=eval_shard(ec.full_each_epoch), lockstep=sharded)
         eval_s = time.perf_counter() - t0 - train_s
         metrics.update({
             "epoch": epoch,
@@ -391,7 +396,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if best_weights is not None:
         weights.restore(best_weights)
     final = {}
-    shard = eval_shard() if ec.full else row_shard  # after the restore: a LightGCN propagates the best weights
+    shard = eval_shard(ec.full)  # after the restore: a LightGCN propagates the best weights
     for split in ("valid", "test"):
         final.update(evaluate(model, evald, split, ec, device=device, shard=shard, lockstep=sharded))
     summary = {

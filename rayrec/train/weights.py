@@ -95,12 +95,27 @@ class ShardedWeights:
         return best
 
     def item_row_shard(self):
-        """This rank's rows of the row-wise item table (BPR), for distributed full ranking; None otherwise."""
+        """This rank's rows of the row-wise item table, for distributed evaluation (collective): BPR's raw rows;
+        NeuMF's :class:`~rayrec.models.neumf.SplitHead` keys of its GMF and MLP item rows, computed from the current
+        MLP weights (call again after they change). None when the tables are not row-blocked alike."""
         from rayrec.eval.evaluate import RowShard
         from rayrec.sharding.plan import owned_row_block
 
+        names = [n for n in ("item", "gmf_item", "mlp_item") if any(k.endswith(f"embeddings.{n}.weight")
+                                                                     for k in self.dmp.state_dict())]
         try:
-            rows, offset = owned_row_block(self.dmp, "item")
+            blocks = [owned_row_block(self.dmp, n) for n in names]
         except (KeyError, ValueError):
             return None
-        return RowShard(rows, offset)
+        if names == ["item"]:
+            return RowShard(*blocks[0])
+        if names != ["gmf_item", "mlp_item"] or blocks[0][1] != blocks[1][1] or len(blocks[0][0]) != len(blocks[1][0]):
+            return None
+        from rayrec.models.neumf import SplitHead
+
+        model = self.dmp.module
+        model = getattr(model, "model", model)  # the training task wraps the model
+        head = SplitHead(model.mlp, model.predict, model.dim)
+        with torch.no_grad():
+            keys = head.key(torch.cat([blocks[0][0], blocks[1][0]], dim=1).float())  # [I_r, 2D]
+        return RowShard(keys, blocks[0][1], head)

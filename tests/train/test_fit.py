@@ -146,6 +146,30 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     assert r["metrics"]["test/H@10"] > 0.2
 
 
+def test_sharded_neumf_teacher_evaluates_row_blocks_like_the_dense_model(ray_session, prepared, tmp_path):
+    # a row-wise sharded NeuMF ranks both protocols over its item row blocks (split-head keys, recomputed from the
+    # current MLP weights at every evaluation); its final metrics equal the dense model's on the same weights
+    from rayrec.eval.evaluate import EvalData, evaluate
+    from rayrec.models import NeuMF
+    from rayrec.sharding.checkpoint import export_dense
+
+    cfg = _cfg(tmp_path, "model.name=neumf", "model.dim=8", "model.sharding=row_wise", "train.lr=0.1",
+               "train.weight_decay=0", "train.max_epochs=2", "ray.num_workers=2", "eval.full_each_epoch=true")
+    s = fit(cfg, prepared=prepared)
+    h = s["history"]
+    assert 0 < h[0]["full_valid/Recall@10"] <= 1 and h[1]["full_valid/Recall@10"] != h[0]["full_valid/Recall@10"]
+    final = Path(s["checkpoint"])
+    best = final / "best_model" if (final / "best_model" / ".metadata").exists() else final
+    state = {k.removeprefix("model.").replace("ec.embeddings.", ""): v for k, v in export_dense(best).items()}
+    pd_ = load_prepared(prepared)
+    dense = NeuMF(pd_.num_users, pd_.num_items, 8)
+    dense.load_state_dict(state)
+    want = evaluate(dense, EvalData.from_prepared(pd_), "test", cfg.eval)
+    assert want["test/H@10"] > 0.12 and want["full/Recall@10"] > 0  # random: 0.10
+    for k, v in want.items():
+        assert s["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
+
 def test_sharded_lightgcn_teacher_evaluates_ranks_and_teaches(ray_session, prepared, tmp_path):
     # a LightGCN teacher with row-wise sharded tables: propagation over row blocks, full ranking every epoch over
     # the propagated item blocks, then ranked and distilled (the frozen teacher propagates over the same graph)
