@@ -108,7 +108,9 @@ class DotRows:
         return q @ k.T.to(q.dtype)  # [Q, I_r]
 
     def pairs(self, q: Tensor, k: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        return (k[ki].to(q.dtype) * q[qi]).sum(dim=1)  # [n]
+        x = k.to(q.dtype).index_select(0, ki)  # [n, D]
+        x *= q.index_select(0, qi)
+        return x.sum(dim=1)  # [n]
 
 
 @dataclass
