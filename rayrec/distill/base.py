@@ -4,7 +4,9 @@ A method is an ``nn.Module`` (it may own trainable parameters, e.g. DE's experts
 never exported) with three hooks, called by :mod:`rayrec.train.loop` for every method alike:
 
 - :meth:`DistillMethod.on_epoch_start` — per-epoch state (DE's Gumbel temperature, RRD's sampled lists), then
-  :meth:`DistillMethod.set_student_topk` for methods that ask for the current student's ranking (SLD);
+  :meth:`DistillMethod.set_student_topk` for methods that ask for the current student's ranking (SLD), then
+  :meth:`DistillMethod.set_teacher_scores` for methods whose item lists are fixed for the epoch
+  (:meth:`DistillMethod.epoch_teacher_lists`: the teacher scores them once per epoch instead of once per batch);
 - :meth:`DistillMethod.teacher_request` — which users/items the frozen (sharded) teacher must look up for this
   batch; the loop makes the lookup (a collective: every rank, every step) under ``no_grad``;
 - :meth:`DistillMethod.losses` — the method's **weighted** loss terms for the batch, by name (``kd/de`` ...),
@@ -94,6 +96,17 @@ class DistillMethod(nn.Module):
 
     def set_student_topk(self, topk: Tensor) -> None:
         """The student's top-``K`` ``[U, K]`` (best first), identical on every rank."""
+
+    def epoch_teacher_lists(self) -> Tensor | None:
+        """Item lists ``[U, C]`` (row ``u``: user ``u``'s items) whose teacher scores the method needs this epoch,
+        asked after :meth:`set_student_topk`; the loop has the frozen teacher score them once, distributed over the
+        workers (:meth:`rayrec.teacher.frozen.FrozenTeacher.score_lists`), and hands the ``[U, C]`` scores to
+        :meth:`set_teacher_scores`. A user appears in many batches of an epoch: scoring its list once instead of in
+        every batch saves the teacher that many lookups."""
+        return None
+
+    def set_teacher_scores(self, scores: Tensor) -> None:
+        """The teacher's scores ``[U, C]`` of :meth:`epoch_teacher_lists`, identical on every rank."""
 
 
 def reduce_terms(x: Tensor, reduction: str) -> Tensor:

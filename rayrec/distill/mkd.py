@@ -86,6 +86,18 @@ class MKD(DistillMethod):
             if p.student_topk_request() is not None:
                 p.set_student_topk(topk)
 
+    def epoch_teacher_lists(self) -> Tensor | None:
+        """The components' epoch lists side by side ``[U, ΣC]`` (split back in :meth:`set_teacher_scores`)."""
+        lists = {n: p.epoch_teacher_lists() for n, p in self.parts.items()}
+        self._list_cols = {n: x.shape[1] for n, x in lists.items() if x is not None}
+        return torch.cat([x for x in lists.values() if x is not None], dim=1) if self._list_cols else None
+
+    def set_teacher_scores(self, scores: Tensor) -> None:
+        start = 0
+        for n, width in self._list_cols.items():
+            self.parts[n].set_teacher_scores(scores[:, start : start + width])
+            start += width
+
     def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
         """Each component draws from its own generator, seeded from ``generator`` and its name, so leaving one
         component out (an ablation) does not change the random draws of the others."""

@@ -31,8 +31,9 @@ fits. Alternative readings (§6.2): ``label: mixture`` — the label is
 uniform items outside it and outside the train items, redrawn every epoch (the code's commented-out variant:
 τ = 0.1, K = 100, mxK = 500, T = 10, L = 200).
 
-Teacher scores are dot products of the teacher's representations, looked up every step for the batch users and
-the unique items of their lists (BPR-MF and LightGCN teachers).
+The lists are fixed for an epoch, so the teacher scores them once at its start (``epoch_teacher_lists``: every user's
+lists side by side, scored by the sharded teacher distributed over the workers) instead of in every batch that
+holds the user; any teacher model (BPR-MF, NeuMF, LightGCN).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, TeacherRequest
+from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer
 from rayrec.distill.lists import Uninteresting, rank_discounted
 from rayrec.errors import ConfigError
 
@@ -124,6 +125,7 @@ class SLD(DistillMethod):
         self.teacher_top = self.topn[:, : cfg.K]  # [U, K]
         self.student_top: Tensor | None = None  # [U, K], set every epoch
         self.sampled: Tensor | None = None  # [U, K + L]
+        self.t_scores: Tensor | None = None  # [U, C] the teacher's scores of epoch_teacher_lists, set every epoch
 
     def student_topk_request(self) -> tuple[int, bool] | None:
         return (self.cfg.K, self.cfg.exclude_train) if self.cfg.lists == "both" else None
@@ -141,52 +143,61 @@ class SLD(DistillMethod):
                 parts.append(self.uninteresting.sample(torch.arange(U), c.L, generator))
             self.sampled = torch.cat(parts, dim=1)
 
-    def _lists(self, u_cpu: Tensor) -> list[tuple[float, Tensor, Tensor | None]]:
-        """``(weight, items [U_b, C], keep mask or None)`` per list with a non-zero weight."""
+    def epoch_teacher_lists(self) -> Tensor:
+        """This epoch's lists side by side, ``[U, C]``: ``[student top-K | teacher top-K]`` (``both``) or the
+        sampled list; every list of :meth:`_lists` is a column range of it."""
+        if self.cfg.lists == "sampled":
+            return self.sampled
+        if self.student_top is None:
+            raise RuntimeError("SLD needs the student's top-K: the loop calls set_student_topk every epoch")
+        return torch.cat([self.student_top, self.teacher_top], dim=1)  # [U, 2K]
+
+    def set_teacher_scores(self, scores: Tensor) -> None:
+        self.t_scores = scores.float()  # [U, C]
+
+    def _lists(self, u_cpu: Tensor) -> list[tuple[float, Tensor, Tensor | None, slice]]:
+        """``(weight, items [U_b, C], keep mask or None, columns of epoch_teacher_lists)`` per list with a non-zero
+        weight."""
         c = self.cfg
         if c.lists == "sampled":
-            return [(1.0, self.sampled[u_cpu], None)]
+            return [(1.0, self.sampled[u_cpu], None, slice(None))]
         if self.student_top is None:
             raise RuntimeError("SLD needs the student's top-K: the loop calls set_student_topk every epoch")
         s, t = self.student_top[u_cpu], self.teacher_top[u_cpu]
+        K = s.shape[1]
         out = []
         if 1 - c.w_t - c.w_a > 1e-12:
-            out.append((1 - c.w_t - c.w_a, s, None))
+            out.append((1 - c.w_t - c.w_a, s, None, slice(0, K)))
         if c.w_t > 0:
-            out.append((c.w_t, t, None))
+            out.append((c.w_t, t, None, slice(K, 2 * K)))
         if c.w_a > 0:
             both = torch.cat([s, t], dim=1)  # [U_b, 2K] (an item in both lists appears twice)
             keep = None
             if c.dedup:
                 dup = (t.unsqueeze(2) == s.unsqueeze(1)).any(dim=2)  # [U_b, K] teacher items already in s
                 keep = torch.cat([torch.ones_like(s, dtype=torch.bool), ~dup], dim=1)
-            out.append((c.w_a, both, keep))
+            out.append((c.w_a, both, keep, slice(None)))
         return out
-
-    def teacher_request(self, batch: DistillBatch) -> TeacherRequest:
-        u_cpu = batch.uniq_users.cpu()
-        items = torch.unique(torch.cat([x.reshape(-1) for _, x, _ in self._lists(u_cpu)]))
-        batch.extras["sld_items"] = items.to(batch.users.device)
-        return TeacherRequest(users=batch.uniq_users, items=batch.extras["sld_items"])
 
     def losses(self, *, batch: DistillBatch, student: nn.Module, teacher: TeacherAnswer | None,
                reduction: str = "sum") -> dict[str, Tensor]:
         c = self.cfg
         if c.lambda_s == 0:
             return {}
+        if self.t_scores is None:
+            raise RuntimeError("SLD needs the teacher's scores of its lists: the loop calls set_teacher_scores every "
+                               "epoch")
         users = batch.uniq_users
         u_cpu = users.cpu()
-        pool = batch.extras["sld_items"]
-        t_user = teacher.user["emb"].detach().float()  # [U_b, D_t]
-        t_item = teacher.item["emb"].detach().float()  # [I_l, D_t] the unique list items
+        t_rows = self.t_scores[u_cpu]  # [U_b, C] this epoch's teacher scores of the batch users' lists
         if c.users == "rows":
             weight = torch.bincount(torch.searchsorted(users, batch.users), minlength=len(users)).float()  # [U_b]
         else:
             weight = torch.ones(len(users), device=users.device)
         total = 0.0
-        for w, items, keep in self._lists(u_cpu):
+        for w, items, keep, cols in self._lists(u_cpu):
             items = items.to(users.device)
-            z_t = torch.einsum("bd,bcd->bc", t_user, t_item[torch.searchsorted(pool, items)])  # [U_b, C]
+            z_t = t_rows[:, cols].to(users.device)  # [U_b, C]
             z_s = student.score(users, items)  # [U_b, C]
             ce = soft_label_ce(z_s, z_t, c.tau, c.beta if c.label == "mixture" else 1.0,
                                None if keep is None else keep.to(users.device))

@@ -62,6 +62,33 @@ class FrozenTeacher(nn.Module):
         return out
 
     @torch.no_grad()
+    def score_lists(self, items: Tensor, device: torch.device | str = "cpu", chunk_pairs: int = 1 << 18) -> Tensor:
+        """The teacher's scores ``[U, C]`` of every user's list ``items`` ``[U, C]`` (row ``u``: user ``u``),
+        identical on every rank (collective): rank ``r`` scores users ``r::W`` in chunks of about ``chunk_pairs``
+        pairs (every rank runs the same number of lookups), then the rows are all-gathered."""
+        from rayrec.distributed import all_gather_stack, all_reduce, world
+
+        rank, W = world()
+        U, C = items.shape
+        mine = torch.arange(rank, U, W)  # [U_r]
+        per = max(1, chunk_pairs // max(C, 1))
+        n = int(all_reduce(torch.tensor([-(-len(mine) // per)]), torch.distributed.ReduceOp.MAX)[0])
+        local = torch.zeros(-(-U // W), C)  # [ceil(U / W), C]
+        for c in range(n):
+            u = mine[c * per : (c + 1) * per]
+            if len(u) == 0:  # lockstep padding: the lookups are collectives
+                dummy = torch.zeros(1, dtype=torch.int64, device=device)
+                self.model.score(dummy, dummy.view(1, 1).expand(1, C))
+                continue
+            local[c * per : c * per + len(u)] = self.model.score(u.to(device), items[u].to(device)).float().cpu()
+        gathered = all_gather_stack(local)  # [W, ceil(U / W), C]
+        out = torch.empty(U, C)
+        for r in range(W):
+            rows = torch.arange(r, U, W)
+            out[rows] = gathered[r, : len(rows)]
+        return out
+
+    @torch.no_grad()
     def lookup(self, users: Tensor, items: Tensor) -> TeacherOutput:
         """Representations and scores for ``users`` ``[B]`` and candidates ``items`` ``[B, C]`` (collective)."""
         return TeacherOutput(

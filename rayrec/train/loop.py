@@ -302,6 +302,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
                 method.set_student_topk(student_topk(model, pd.num_users, want[0], evald.train if want[1] else None,
                                                      device))
+            lists = method.epoch_teacher_lists()
+            if lists is not None:  # [distill] lists fixed for the epoch (SLD): the teacher scores them once
+                method.set_teacher_scores(teacher.score_lists(lists, device))
         sums: dict[str, float] = {}
         rows, steps = 0, 0
         task.train()

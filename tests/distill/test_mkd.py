@@ -30,6 +30,13 @@ def _answer(teacher, req):
         return TeacherAnswer(user=teacher.user_repr(req.users), item=teacher.item_repr(req.items))
 
 
+def _score_epoch_lists(method, teacher):
+    """What the loop does at each epoch start for methods with fixed lists (SLD): the teacher scores them once."""
+    lists = method.epoch_teacher_lists()
+    with torch.no_grad():
+        method.set_teacher_scores(teacher.score(torch.arange(lists.shape[0]), lists))
+
+
 @pytest.mark.parametrize("form,reg,pair_sample", [("v1", "both", "batch"), ("v1", "pair", "uniform"),
                                                   ("pckd", "list", "batch"), ("pckd", "hybrid", "batch"),
                                                   ("pckd", "pair", "rank")])
@@ -118,9 +125,12 @@ def test_sld_lists_weights_and_dedup():
     s_top = torch.as_tensor(_teacher_lists(seed=1)[:, :4])
     sld.on_epoch_start(0, torch.Generator().manual_seed(0))
     sld.set_student_topk(s_top)
+    assert sld.teacher_request(_batch()) is None  # no per-batch teacher lookups: the lists are scored per epoch
     b = _batch()
-    ans = _answer(teacher, sld.teacher_request(b))
-    got = sld.losses(batch=b, student=student, teacher=ans)["kd/sld"]
+    with pytest.raises(RuntimeError, match="set_teacher_scores"):
+        sld.losses(batch=b, student=student, teacher=None)
+    _score_epoch_lists(sld, teacher)
+    got = sld.losses(batch=b, student=student, teacher=None)["kd/sld"]
     # by hand: per unique user, CE over [student top-4 ; teacher top-4], weighted by its rows in the batch
     want = 0.0
     for u, n in ((0, 1), (1, 2), (3, 1), (5, 1)):
@@ -136,7 +146,7 @@ def test_sld_lists_weights_and_dedup():
     sld_d = SLD(SLDConfig(K=4, dedup=True), topn=topn, num_items=I)
     sld_d.set_student_topk(torch.as_tensor(topn[:, :4]))
     lists = sld_d._lists(torch.tensor([0]))
-    _, items, keep = lists[0]
+    _, items, keep, _ = lists[0]
     assert keep.sum().item() == 4 and items.shape == (1, 8)
     with pytest.raises(ConfigError, match="w_t \\+ w_a"):
         SLDConfig(w_t=0.6, w_a=0.6)
@@ -172,6 +182,7 @@ def test_mkd_combines_components_with_one_teacher_lookup_and_ablates_by_config()
     assert mkd.student_topk_request() == (5, True)
     mkd.on_epoch_start(0, torch.Generator().manual_seed(0))
     mkd.set_student_topk(torch.as_tensor(_teacher_lists(seed=3)[:, :5]))
+    _score_epoch_lists(mkd, teacher)  # SLD's lists, [U, 2K]
     b = _batch()
     req = mkd.teacher_request(b)
     ans = _answer(teacher, req)

@@ -39,8 +39,12 @@ def _worker(rank, world, port, ckpt, out):
     opt.step()
     after = dense_state_dict(teacher.dmp)
     trained_full = dense_state_dict(trained)  # collective: every rank calls it
+    # every user's list scored once (SLD's per-epoch lists), users split over the ranks, small chunks so the
+    # ranks run different numbers of real chunks (lockstep padding)
+    lists = torch.stack([torch.randperm(I, generator=torch.Generator().manual_seed(u))[:5] for u in range(U)])
+    list_scores = teacher.score_lists(lists, chunk_pairs=10)
     if rank == 0:
-        torch.save({"before": before, "after": after, "training": teacher.dmp.training,
+        torch.save({"lists": lists, "list_scores": list_scores, "before": before, "after": after, "training": teacher.dmp.training,
                     "requires_grad": out_t.scores.requires_grad, "user": out_t.user["emb"].shape,
                     "item": out_t.item["emb"].shape, "trained": trained_full}, out)
     dist.barrier()  # no rank tears the group down while a peer is still mid-collective
@@ -56,3 +60,6 @@ def test_frozen_teacher_is_bit_identical_after_a_distillation_step(tmp_path, spa
     for k, v in r["before"].items():
         assert torch.equal(v, r["after"][k]), k  # bit-identical
         assert torch.equal(v, r["trained"][k]), k  # and equal to the checkpoint it was loaded from
+    user, item = r["trained"]["model.ec.embeddings.user.weight"], r["trained"]["model.ec.embeddings.item.weight"]
+    want = torch.einsum("ud,ucd->uc", user, item[r["lists"]])  # [U, 5]
+    torch.testing.assert_close(r["list_scores"], want, rtol=1e-5, atol=1e-6)
