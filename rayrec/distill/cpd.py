@@ -232,10 +232,20 @@ class CPD(DistillMethod):
 
     # ---------------------------------------------------------------- loss
     def _project_items(self, student: nn.Module, items: Tensor, t_lookup) -> tuple[Tensor, Tensor]:
-        """Detached student vectors and their projections for ``items`` ``[n, C]`` -> ``[n, C, D_s]``, ``[n, C, D_t]``."""
-        e = student.item_repr(items.reshape(-1))["emb"].detach()  # sg(e^S)
-        h_t = t_lookup(items.reshape(-1)) if self.cfg.form == "pckd" else None
-        p = self.item_proj(e, h_t, self.tau, self.generator)
+        """Detached student vectors and their projections for ``items`` ``[n, C]`` -> ``[n, C, D_s]``, ``[n, C, D_t]``.
+
+        v1's projection is a function of the item alone: each distinct item is projected once and the rows are
+        gathered (the lists of a batch's users share many of the teacher's top items; same values, fewer GEMM
+        rows). pckd draws Gumbel noise per occurrence, so every occurrence is projected."""
+        flat = items.reshape(-1)
+        if self.cfg.form == "v1":
+            uniq, inv = torch.unique(flat, return_inverse=True)
+            e = student.item_repr(uniq)["emb"].detach()  # sg(e^S) [I_u, D_s]
+            p = self.item_proj(e, None, self.tau, self.generator)  # [I_u, D_t]
+            e, p = e[inv], p[inv]
+        else:
+            e = student.item_repr(flat)["emb"].detach()
+            p = self.item_proj(e, t_lookup(flat), self.tau, self.generator)
         return e.view(*items.shape, -1), p.view(*items.shape, -1)
 
     def losses(self, *, batch: DistillBatch, student: nn.Module, teacher: TeacherAnswer | None,

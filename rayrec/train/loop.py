@@ -118,6 +118,21 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
     return method.to(device), teacher
 
 
+def method_epoch_start(method, teacher, model, epoch: int, seed: int, num_users: int, evald, device) -> None:
+    """A distillation method's per-epoch hooks, the same on every rank (collective when they need the student's
+    ranking or the teacher): temperature and resampled lists, the current student's top-K for every user (SLD),
+    the teacher's scores of lists fixed for the epoch (SLD)."""
+    method.on_epoch_start(epoch, epoch_generator(seed + 1, epoch, 0))
+    want = method.student_topk_request()
+    if want is not None:  # [distill] the current student's top-K for every user, all ranks together
+        from rayrec.train.student_rank import student_topk
+
+        method.set_student_topk(student_topk(model, num_users, want[0], evald.train if want[1] else None, device))
+    lists = method.epoch_teacher_lists()
+    if lists is not None:  # [distill] the teacher scores each list once per epoch, not in every batch
+        method.set_teacher_scores(teacher.score_lists(lists, device))
+
+
 def step_loss(task, method, teacher, sampler, users, pos, num_negatives: int, gen, device):
     """One step's loss for ``users`` ``[B]`` and their positives ``pos`` ``[B]``: fresh negatives ``[B, N]``, the
     teacher's answer to the method's request, the task's forward -> ``(loss, {term: value})``."""
@@ -294,17 +309,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         epoch = state["epoch"]
         gen = epoch_generator(tc.seed, epoch, rank)
         t0 = time.perf_counter()
-        if method is not None:  # per-epoch hooks: temperature, resampled lists (same on every rank)
-            method.on_epoch_start(epoch, epoch_generator(tc.seed + 1, epoch, 0))
-            want = method.student_topk_request()
-            if want is not None:  # [distill] the current student's top-K for every user (SLD), all ranks together
-                from rayrec.train.student_rank import student_topk
-
-                method.set_student_topk(student_topk(model, pd.num_users, want[0], evald.train if want[1] else None,
-                                                     device))
-            lists = method.epoch_teacher_lists()
-            if lists is not None:  # [distill] lists fixed for the epoch (SLD): the teacher scores them once
-                method.set_teacher_scores(teacher.score_lists(lists, device))
+        if method is not None:
+            method_epoch_start(method, teacher, model, epoch, tc.seed, pd.num_users, evald, device)
         sums: dict[str, float] = {}
         rows, steps = 0, 0
         task.train()

@@ -31,7 +31,7 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
     from rayrec.eval.evaluate import EvalData
     from rayrec.models import build_model
     from rayrec.train.fit import _ranking_for
-    from rayrec.train.loop import _build_distillation, step_loss
+    from rayrec.train.loop import _build_distillation, method_epoch_start, step_loss
     from rayrec.train.sampling import NegativeSampler, epoch_generator
     from rayrec.train.task import TrainTask
 
@@ -72,13 +72,7 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
             sync()
             t0 = time.perf_counter()
             if method is not None:
-                method.on_epoch_start(epoch, epoch_generator(tc.seed + 1, epoch, 0))
-                want = method.student_topk_request()
-                if want is not None:
-                    from rayrec.train.student_rank import student_topk
-
-                    method.set_student_topk(student_topk(model, pd.num_users, want[0],
-                                                         evald.train if want[1] else None))
+                method_epoch_start(method, teacher, model, epoch, tc.seed, pd.num_users, evald, device)
             task.train()
             order = torch.randperm(len(users), generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch))
             total = 0.0
