@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayrec.models.base import Recommender, reduce
+from rayrec.models.base import Recommender, Table, reduce
 
 
 class BPR(Recommender):
@@ -31,8 +31,8 @@ class BPR(Recommender):
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01) -> None:
         super().__init__()
         self.num_users, self.num_items, self.dim = num_users, num_items, dim
-        self.user_emb = nn.Embedding(num_users, dim)
-        self.item_emb = nn.Embedding(num_items, dim)
+        self.user_emb = Table(num_users, dim)
+        self.item_emb = Table(num_items, dim)
         nn.init.normal_(self.user_emb.weight, 0.0, init_std)
         nn.init.normal_(self.item_emb.weight, 0.0, init_std)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayrec.models.base import Recommender, reduce
+from rayrec.models.base import Recommender, Table, reduce
 
 
 def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> Tensor:
@@ -53,8 +53,8 @@ class LightGCN(Recommender):
         if layers < 0:
             raise ValueError(f"LightGCN needs layers >= 0, got {layers}")
         self.num_users, self.num_items, self.dim, self.layers = num_users, num_items, dim, layers
-        self.user_emb = nn.Embedding(num_users, dim)
-        self.item_emb = nn.Embedding(num_items, dim)
+        self.user_emb = Table(num_users, dim)
+        self.item_emb = Table(num_items, dim)
         nn.init.normal_(self.user_emb.weight, 0.0, init_std)
         nn.init.normal_(self.item_emb.weight, 0.0, init_std)
         if train_users is None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayrec.models.base import Recommender, reduce
+from rayrec.models.base import Recommender, Table, reduce
 
 
 class NeuMF(Recommender):
@@ -30,10 +30,10 @@ class NeuMF(Recommender):
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01) -> None:
         super().__init__()
         self.num_users, self.num_items, self.dim = num_users, num_items, dim
-        self.gmf_user = nn.Embedding(num_users, dim)
-        self.gmf_item = nn.Embedding(num_items, dim)
-        self.mlp_user = nn.Embedding(num_users, dim)
-        self.mlp_item = nn.Embedding(num_items, dim)
+        self.gmf_user = Table(num_users, dim)
+        self.gmf_item = Table(num_items, dim)
+        self.mlp_user = Table(num_users, dim)
+        self.mlp_item = Table(num_items, dim)
         self.mlp = nn.Linear(2 * dim, dim)
         self.predict = nn.Linear(2 * dim, 1)
         for emb in (self.gmf_user, self.gmf_item, self.mlp_user, self.mlp_item):
