@@ -124,8 +124,10 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
         row["metrics"] = {k: statistics.fmean(run["metrics"][k] for run in runs) for k in ks}
         row["metrics_std"] = {k: (statistics.stdev(run["metrics"][k] for run in runs) if len(runs) > 1 else 0.0)
                               for k in ks}
+        # every timing any seed's part recorded (older parts may lack a newer key), averaged over the seeds that have it
+        names = dict.fromkeys(t for run in runs for t in run["timing"])
         row["timing"] = {t: round(statistics.fmean(run["timing"][t] for run in runs if t in run["timing"]), 3)
-                         for t in runs[0]["timing"]}
+                         for t in names}
         row["extra"] = {**m["row"]["extra"], "per_seed": [run["metrics"] for run in runs],
                         "best_epochs": [run["best_epoch"] for run in runs],
                         "parts_of_seeds": [run["part"] for run in runs], "complete": len(seeds) >= (1 if label.endswith("_teacher") else min_seeds)}

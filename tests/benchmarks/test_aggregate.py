@@ -1,0 +1,39 @@
+"""Merging a benchmark's part files (one command per seed or method) into one result: seeds combined per row, the
+newest part wins a seed measured twice, timings from any seed, missing rows named."""
+
+import json
+import time
+
+import pytest
+
+
+def _part(results, name, label, seeds, h5, timing, created):
+    doc = {"benchmark": name, "command": f"python benchmarks/x.py --seeds {seeds}", "commit": "abc", "created": created,
+           "machine": {}, "rows": [{"label": label, "seeds": seeds, "metrics": {}, "timing": timing,
+                                    "extra": {"per_seed": [{"test/H@5": v} for v in h5], "best_epochs": [1] * len(h5)}}]}
+    (results / f"{name}_{label}_s{'-'.join(map(str, seeds))}.json").write_text(json.dumps(doc))
+
+
+def test_parts_merge_seed_by_seed(tmp_path, monkeypatch):
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "commit", lambda: "def")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _part(tmp_path, "bench", "bpr_de", [0], [0.40], {"epoch_s": 10.0}, "2026-01-01T00:00:00Z")
+    _part(tmp_path, "bench", "bpr_de", [1, 2], [0.50, 0.60], {"epoch_s": 20.0, "epoch_median_s": 5.0}, now)
+    _part(tmp_path, "bench", "bpr_de", [2], [0.70], {"epoch_s": 20.0}, "2026-12-31T00:00:00Z")  # newer: seed 2 redone
+    _part(tmp_path, "bench", "bpr_teacher", [0], [0.9], {"epoch_s": 3.0}, now)
+    out = common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd",
+                                 expected=["bpr_teacher", "bpr_de", "bpr_rd"])
+    doc = json.loads(out.read_text())
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert [r["label"] for r in doc["rows"]] == ["bpr_teacher", "bpr_de"]
+    de = rows["bpr_de"]
+    assert de["seeds"] == [0, 1, 2]
+    assert de["metrics"]["test/H@5"] == pytest.approx((0.40 + 0.50 + 0.70) / 3)
+    assert de["timing"]["epoch_s"] == pytest.approx((10 + 20 + 20) / 3, abs=1e-3)
+    assert de["timing"]["epoch_median_s"] == 5.0  # only the seed whose part recorded it
+    assert de["extra"]["complete"] and rows["bpr_teacher"]["extra"]["complete"]
+    assert doc["missing"] == ["bpr_rd (0/3 seeds)"]
+    assert len(doc["parts"]) == 4 and "Missing or short of seeds: bpr_rd" in out.with_suffix(".md").read_text()
