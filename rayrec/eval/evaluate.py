@@ -249,6 +249,9 @@ def evaluate(
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
         # a row-sharded dot-product model: candidates scored on the rank holding their rows
         by_rows = shard is not None and getattr(model, "shard_rows", False)
+        # a dense model that scores through per-item keys (NeuMF): the keys once, then O(D) per candidate
+        row_scorer = getattr(model, "row_scorer", None)
+        local = row_scorer() if shard is None and row_scorer is not None else None
         for c in range(_num_chunks(len(users), chunk, lockstep)):
             u = users[c * chunk : (c + 1) * chunk]  # [B]
             if len(u) == 0:  # lockstep padding: dummy collectives keep the ranks matched
@@ -265,6 +268,11 @@ def evaluate(
             if by_rows:
                 q = shard.scorer.query_repr(model.user_repr(u.to(device))).float().cpu()  # [B, D_q]
                 scores = _sharded_candidate_scores(q, cand, shard)
+            elif local is not None:
+                scorer, item_keys = local  # [I, D_k]
+                q = scorer.query_repr(model.user_repr(u.to(device)))  # [B, D_q]
+                rows = torch.arange(len(u), device=q.device).repeat_interleave(cand.shape[1])
+                scores = scorer.pairs(q, item_keys, rows, cand.reshape(-1).to(q.device)).view(cand.shape).float().cpu()
             else:
                 scores = model.score(u.to(device), cand.to(device)).float().cpu()  # [B, 1 + N]
             m = sampled_metrics(sampled_ranks(scores[:, 0], scores[:, 1:]), cfg.sampled_ks)

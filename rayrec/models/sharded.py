@@ -167,7 +167,9 @@ class ShardedNeuMF(Recommender):
     def score(self, users: Tensor, items: Tensor) -> Tensor:
         e = self._lookup(users, items)  # user parts [B, 1, D], item parts [B, C, D]
         gmf = e["gmf_user"] * e["gmf_item"]  # [B, C, D]
-        mlp = F.relu(self.mlp(torch.cat([e["mlp_user"].expand_as(e["mlp_item"]), e["mlp_item"]], dim=-1)))
+        D = self.dim  # the MLP's user half once per row (see NeuMF._fuse)
+        mlp = F.relu(F.linear(e["mlp_user"], self.mlp.weight[:, :D], self.mlp.bias)
+                     + F.linear(e["mlp_item"], self.mlp.weight[:, D:]))  # [B, C, D]
         return self.predict(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)  # [B, C]
 
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
