@@ -64,23 +64,15 @@ class NeuMF(Recommender):
         )
 
     def score_all(self, users: Tensor, item_chunk: int = 8192) -> Tensor:
-        gu, mu = self.gmf_user(users).unsqueeze(1), self.mlp_user(users).unsqueeze(1)  # [B, 1, D]
-        # The MLP's user half is shared by every item: W [p'_u; q'_i] = W_u p'_u + W_i q'_i.
-        w_u, w_i = self.mlp.weight[:, : self.dim], self.mlp.weight[:, self.dim :]
-        h_g, h_m = self.predict.weight[0, : self.dim], self.predict.weight[0, self.dim :]
-        gmf_part = (gu.squeeze(1) * h_g) @ self.gmf_item.weight.T  # [B, I]
-        mu_proj = mu.squeeze(1) @ w_u.T + self.mlp.bias  # [B, D]
-        out = []
-        for start in range(0, self.num_items, item_chunk):
-            mi_proj = self.mlp_item.weight[start : start + item_chunk] @ w_i.T  # [Ic, D]
-            hidden = F.relu(mu_proj.unsqueeze(1) + mi_proj.unsqueeze(0))  # [B, Ic, D]
-            out.append(hidden @ h_m)  # [B, Ic]
-        return gmf_part + torch.cat(out, dim=1) + self.predict.bias  # [B, I]
+        """Every item's score ``[B, I]`` through the split head (no gradient): the MLP's item half once per item,
+        its user half once per user, the ``[B, item_chunk, D]`` ReLU block one chunk of items at a time."""
+        head, keys = self.row_scorer(budget_elems=max(len(users), 1) * item_chunk * self.dim)
+        return head.block(head.query_repr(self.user_repr(users)), keys)  # [B, I]
 
-    def row_scorer(self) -> tuple["SplitHead", Tensor]:
+    def row_scorer(self, budget_elems: int = 1 << 24) -> tuple["SplitHead", Tensor]:
         """The split head and every item's key ``[I, 2D]``, from the current weights: evaluation scores sampled
         candidates in ``O(D)`` per pair instead of running the MLP's ``2D x D`` layer per pair."""
-        head = SplitHead(self.mlp, self.predict, self.dim)
+        head = SplitHead(self.mlp, self.predict, self.dim, budget_elems)
         with torch.no_grad():
             return head, head.key(torch.cat([self.gmf_item.weight, self.mlp_item.weight], dim=1))
 
