@@ -122,6 +122,8 @@ class RowShard:
     rows: Tensor
     offset: int
     scorer: Any = field(default_factory=DotRows)  # query_repr / block / pairs (see DotRows)
+    # the keys derive from dense weights that training changes (NeuMF's MLP): rebuild them for every evaluation
+    rebuild_each_eval: bool = False
 
 
 def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th: Tensor, shard: RowShard,

@@ -297,7 +297,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             with torch.no_grad():
                 _, (items, offset) = model.propagated_blocks()
             return RowShard(items, offset)
-        if row_shard is not None and hasattr(row_shard.scorer, "key"):
+        if row_shard is not None and row_shard.rebuild_each_eval:
             return weights.item_row_shard()
         return row_shard
     _log(rank, f"[train] {cfg.model.name} d={cfg.model.dim} params={weights.num_parameters():,} "

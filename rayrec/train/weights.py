@@ -118,4 +118,4 @@ class ShardedWeights:
         head = SplitHead(model.mlp, model.predict, model.dim)
         with torch.no_grad():
             keys = head.key(torch.cat([blocks[0][0], blocks[1][0]], dim=1).float())  # [I_r, 2D]
-        return RowShard(keys, blocks[0][1], head)
+        return RowShard(keys, blocks[0][1], head, rebuild_each_eval=True)
