@@ -108,6 +108,9 @@ class TrainConfig:
     patience: int = 20  # early stopping: epochs without improvement of `monitor`
     monitor: str = "valid/H@5"  # metric key used for early stopping and model selection
     monitor_mode: Literal["max", "min"] = "max"
+    # early stopping also waits while any of these metrics improves on its own best (the DE-RRD code: valid H@5,
+    # H@10 or H@20); model selection stays on `monitor`. Empty: `monitor` alone
+    patience_any: list[str] = field(default_factory=list)
     seed: int = 0
     # blocks: rows shuffled once when materialised, then each epoch a new block order + a seeded worker-side
     #   shuffle buffer (~0.3 s/epoch on CiteULike); global: a full Ray Data random_shuffle every epoch (~3 s/epoch

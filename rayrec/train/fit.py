@@ -28,6 +28,9 @@ def validate(cfg: ExperimentConfig) -> None:
             f"train.monitor={cfg.train.monitor!r} is not computed every epoch; choose one of {sorted(keys)} "
             f"(full-ranking keys need eval.full_each_epoch=true)"
         )
+    unknown = [k for k in cfg.train.patience_any if k not in keys]
+    if unknown:
+        raise ConfigError(f"train.patience_any names {unknown}, not computed every epoch; choose from {sorted(keys)}")
     if cfg.eval.sampled and cfg.data.split == "ratio":
         raise ConfigError("eval.sampled needs one held-out item per user (data.split loo or derrd), not split=ratio")
     if cfg.eval.sampled and cfg.data.num_eval_negatives == 0:

@@ -47,6 +47,21 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def early_stopping_step(state: dict, metrics: dict, epoch: int, tc) -> bool:
+    """Update ``state`` (best, best_epoch, bad_epochs, best_any) with one epoch's ``metrics``; True when
+    ``tc.monitor`` improved (the model to keep). The patience counter restarts when the monitor improves, or when
+    any metric of ``tc.patience_any`` improves on its own best (the DE-RRD code's rule with valid H@5/H@10/H@20)."""
+    others = state.setdefault("best_any", {})
+    waiting = [k for k in tc.patience_any if _improved(metrics.get(k), others.get(k), tc.monitor_mode)]
+    others.update({k: metrics[k] for k in waiting})
+    value = metrics.get(tc.monitor)
+    if _improved(value, state["best"], tc.monitor_mode):
+        state.update(best=value, best_epoch=epoch, bad_epochs=0)
+        return True
+    state["bad_epochs"] = 0 if waiting else state["bad_epochs"] + 1
+    return False
+
+
 def _nonfinite(rank: int, world: int, epoch: int, step: int, what: str, terms: dict) -> str:
     """The message naming where training went non-finite: epoch, global step and every rank's loss terms."""
     mine = {k: float(v) for k, v in terms.items()}
@@ -370,11 +385,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "time/eval_s": eval_s,
         })
         value = metrics.get(tc.monitor)
-        if _improved(value, state["best"], tc.monitor_mode):
-            state.update(best=value, best_epoch=epoch, bad_epochs=0)
+        if early_stopping_step(state, metrics, epoch, tc):
             best_weights = weights.snapshot()
-        else:
-            state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append({k: v for k, v in metrics.items()})
         metrics["best/" + tc.monitor] = state["best"]
