@@ -100,11 +100,26 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
     several parts: the newest part wins); ``metrics``/``metrics_std`` are recomputed over the seeds, timings
     averaged weighted by seeds. ``parts`` lists every part with its command and commit, so each number still
     points at the command that measured it. Rows follow ``expected`` (labels); ``missing`` names the expected rows
-    absent or with fewer than ``min_seeds`` seeds (the teacher: one; ``extra.complete`` per row)."""
+    absent or with fewer than ``min_seeds`` seeds (the teacher: one; ``extra.complete`` per row).
+
+    Every part distilled the teacher of its ``<model>_teacher`` row: parts whose teacher rows differ in any metric
+    are refused (ValueError naming them), since their students would be compared across different teachers. A
+    teacher retrained bit for bit (same commit, seed and world size) has the same metrics and passes."""
     import statistics
 
     parts = sorted(p for p in RESULTS.glob(f"{name}_*.json"))
     docs = sorted((json.loads(p.read_text()) | {"_file": p.name} for p in parts), key=lambda d: d["created"])
+    teachers: dict[str, dict[str, list[str]]] = {}  # teacher label -> its metrics (as JSON) -> parts
+    for d in docs:
+        for r in d["rows"]:
+            if r["label"].endswith("_teacher"):
+                key = json.dumps(r["extra"].get("per_seed") or r["metrics"], sort_keys=True)
+                teachers.setdefault(r["label"], {}).setdefault(key, []).append(d["_file"])
+    mixed = {label: list(v.values()) for label, v in teachers.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(f"{name}: parts distilled different teachers (teacher rows differ), e.g. "
+                         + "; ".join(f"{label}: " + " vs ".join(str(g) for g in groups) for label, groups in mixed.items())
+                         + ". Move the parts of the other teacher out of benchmarks/results/ (e.g. to superseded/)")
     merged: dict[str, dict] = {}
     for d in docs:
         for r in d["rows"]:

@@ -37,3 +37,18 @@ def test_parts_merge_seed_by_seed(tmp_path, monkeypatch):
     assert de["extra"]["complete"] and rows["bpr_teacher"]["extra"]["complete"]
     assert doc["missing"] == ["bpr_rd (0/3 seeds)"]
     assert len(doc["parts"]) == 4 and "Missing or short of seeds: bpr_rd" in out.with_suffix(".md").read_text()
+
+
+def test_parts_of_different_teachers_are_refused(tmp_path, monkeypatch):
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "commit", lambda: "def")
+    _part(tmp_path, "bench", "bpr_teacher", [0], [0.90], {"epoch_s": 3.0}, "2026-01-01T00:00:00Z")
+    (tmp_path / "bench_bpr_teacher_s0.json").rename(tmp_path / "bench_a.json")
+    _part(tmp_path, "bench", "bpr_teacher", [0], [0.90], {"epoch_s": 4.0}, "2026-01-02T00:00:00Z")  # same teacher
+    (tmp_path / "bench_bpr_teacher_s0.json").rename(tmp_path / "bench_b.json")
+    common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_teacher"])
+    _part(tmp_path, "bench", "bpr_teacher", [0], [0.91], {"epoch_s": 3.0}, "2026-01-03T00:00:00Z")  # retrained
+    with pytest.raises(ValueError, match=r"different teachers.*bench_a.json.*bench_b.json.*vs.*bench_bpr_teacher_s0"):
+        common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_teacher"])
