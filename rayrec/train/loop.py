@@ -223,6 +223,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     from rayrec.data.prepared import load_prepared
     from rayrec.runtime import quiet_ray_loggers
+    from rayrec.train.denormal import flush_denormals
 
     quiet_ray_loggers()
     cfg: ExperimentConfig = build(ExperimentConfig, config["cfg"])
@@ -231,6 +232,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = tc.threads_per_worker or max(1, (os.cpu_count() or 1) // max(world, 1))
     torch.set_num_threads(threads)
+    if tc.flush_denormal:
+        flush_denormals()
     device = ray.train.torch.get_device()
 
     # [data] prepared split: eval sets + train CSR for negative rejection (each worker loads it once)

@@ -43,6 +43,10 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    if cfg.train.flush_denormal:  # as the Ray loop does
+        from rayrec.train.denormal import flush_denormals
+
+        flush_denormals()
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
