@@ -27,6 +27,8 @@ def _subnormal_survivors() -> int:
 def test_flush_reaches_the_openmp_threads(two_threads):
     if not torch.backends.cpu.get_cpu_capability() or not torch.set_flush_denormal(False):
         pytest.skip("this CPU has no flush-to-zero control (not x86 with SSE3)")
+    flush_denormals()  # as an in-process training loop (ray.num_workers=0) leaves it earlier in the session
+    flush_denormals(False)
     assert _subnormal_survivors() == 1 << 22  # nothing flushed: subnormals survive
     # the setting ran on two distinct threads: the calling one and the other thread of the OpenMP team (a team of
     # two; torch.set_flush_denormal alone sets the calling thread only)
