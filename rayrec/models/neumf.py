@@ -63,13 +63,14 @@ class NeuMF(Recommender):
             self.gmf_item(items), self.mlp_item(items),
         )
 
-    def score_all(self, users: Tensor, item_chunk: int = 8192) -> Tensor:
+    def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
         """Every item's score ``[B, I]`` through the split head (no gradient): the MLP's item half once per item,
-        its user half once per user, the ``[B, item_chunk, D]`` ReLU block one chunk of items at a time."""
-        head, keys = self.row_scorer(budget_elems=max(len(users), 1) * item_chunk * self.dim)
+        its user half once per user, the ``[B, c, D]`` ReLU block one chunk of items at a time (``item_chunk``
+        items; 0: :func:`block_budget`, cache-sized on CPU)."""
+        head, keys = self.row_scorer(budget_elems=max(len(users), 1) * item_chunk * self.dim if item_chunk else None)
         return head.block(head.query_repr(self.user_repr(users)), keys)  # [B, I]
 
-    def row_scorer(self, budget_elems: int = 1 << 24) -> tuple["SplitHead", Tensor]:
+    def row_scorer(self, budget_elems: int | None = None) -> tuple["SplitHead", Tensor]:
         """The split head and every item's key ``[I, 2D]``, from the current weights: evaluation scores sampled
         candidates in ``O(D)`` per pair instead of running the MLP's ``2D x D`` layer per pair."""
         head = SplitHead(self.mlp, self.predict, self.dim, budget_elems)
@@ -84,6 +85,17 @@ class NeuMF(Recommender):
         return reduce(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), reduction)
 
 
+def block_budget(device: torch.device) -> int:
+    """Elements of one ``[., ., D]`` ReLU block of :class:`SplitHead`. CPU: 64 Ki floats (256 KiB) per thread, so
+    the gather, add, ReLU and mat-vec of a step run in L2: 4.4x faster than 16 Mi-float blocks for the sampled
+    evaluation of a d = 252 teacher (:meth:`SplitHead.pairs`, 5,220 users x 500 candidates, one thread: 6.2 ->
+    1.4 s) and 5.8 -> 1.0 s for :meth:`SplitHead.block` of 256 users x 25,182 items (random weights, 2026-12-03).
+    GPU: 16 Mi elements, few kernel launches."""
+    if device.type == "cpu":
+        return (1 << 16) * max(1, torch.get_num_threads())
+    return 1 << 24
+
+
 class SplitHead:
     """NeuMF's prediction split at the first MLP layer, so that a user's half and an item's half are each computed
     once and a (user, item) score costs ``O(D)`` instead of a ``2D x D`` layer:
@@ -96,11 +108,12 @@ class SplitHead:
     Queries ``[Q, 2D]`` = ``[p_u ⊙ h_g | W_u p'_u]`` (:meth:`query` of the raw ``[gmf | mlp]`` user vectors), keys
     ``[I, 2D]`` = ``[q_i | W_i q'_i + b]`` (:meth:`key`). Used where item rows live on other ranks than the users
     (distributed ranking and evaluation of a row-sharded NeuMF): each rank turns its own item rows into keys once,
-    and scores gathered queries against them. ``budget_elems`` bounds the ``[., ., D]`` ReLU block of one step.
+    and scores gathered queries against them. ``budget_elems`` bounds the ``[., ., D]`` ReLU block of one step;
+    None picks :func:`block_budget` for the weights' device.
     """
 
-    def __init__(self, mlp: nn.Linear, predict: nn.Linear, dim: int, budget_elems: int = 1 << 24) -> None:
-        self.dim, self.budget = dim, budget_elems
+    def __init__(self, mlp: nn.Linear, predict: nn.Linear, dim: int, budget_elems: int | None = None) -> None:
+        self.dim, self.budget = dim, budget_elems or block_budget(mlp.weight.device)
         self.w_u, self.w_i, self.b = mlp.weight[:, :dim].detach(), mlp.weight[:, dim:].detach(), mlp.bias.detach()
         self.h_g, self.h_m = predict.weight[0, :dim].detach(), predict.weight[0, dim:].detach()
         self.h0 = predict.bias[0].detach()

@@ -66,7 +66,7 @@ class TeacherBlocks:
     score_fn: Callable[[Tensor, Tensor], Tensor] | None  # None: dot product
 
 
-def _neumf_scorer(model, dim: int, budget_elems: int = 1 << 24) -> Callable[[Tensor, Tensor], Tensor]:
+def _neumf_scorer(model, dim: int, budget_elems: int | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """NeuMF's score of queries ``[Q, 2D]`` (gmf_u | mlp_u) against keys ``[I_r, 2D]`` (gmf_i | mlp_i), through
     :class:`rayrec.models.neumf.SplitHead` (user and item halves of the MLP's first layer computed once each)."""
     from rayrec.models.neumf import SplitHead

@@ -49,11 +49,14 @@ def validate(cfg: ExperimentConfig) -> None:
                                   f"table_wise, not {cfg.model.sharding}")
         if cfg.ray.num_workers == 0:
             raise ConfigError("model.sharding needs ray.num_workers >= 1 (local mode has no process group)")
-        if (cfg.eval.full or cfg.eval.full_each_epoch) and (cfg.model.name, cfg.model.sharding) not in (
-                ("bpr", "row_wise"), ("neumf", "row_wise"), ("lightgcn", "row_wise"), ("lightgcn", "table_wise")):
-            raise ConfigError("full ranking of a sharded model is implemented for bpr and neumf with "
-                              "model.sharding=row_wise and lightgcn (row_wise, table_wise); set eval.full=false (and "
-                              "eval.full_each_epoch=false) for this model")
+        # the item tables' row blocks (a replicated data_parallel table: rank 0's) score every user's items
+        # (tests/sharding/test_sharded_eval.py, test_sharded_lightgcn.py)
+        full_ok = {"bpr": ("row_wise", "table_wise", "data_parallel"), "neumf": ("row_wise", "data_parallel"),
+                   "lightgcn": ("row_wise", "table_wise")}
+        if (cfg.eval.full or cfg.eval.full_each_epoch) and cfg.model.sharding not in full_ok[cfg.model.name]:
+            raise ConfigError("full ranking of a sharded model is implemented for bpr (row_wise, table_wise, "
+                              "data_parallel), neumf (row_wise, data_parallel) and lightgcn (row_wise, table_wise); "
+                              "set eval.full=false (and eval.full_each_epoch=false) for this model")
         if cfg.model.dim % 4 and cfg.model.sharding != "data_parallel":
             raise ConfigError(f"model.dim={cfg.model.dim}: fbgemm's fused embedding kernels need a multiple of 4 for "
                               f"sharded tables (e.g. {cfg.model.dim // 4 * 4} or {cfg.model.dim // 4 * 4 + 4})")

@@ -26,6 +26,7 @@ from rayrec.eval.evaluate import EvalData, evaluate
 from rayrec.models import build_model
 from rayrec.distill.base import DistillBatch
 from rayrec.train.sampling import NegativeSampler, epoch_generator
+from rayrec.train.optim import adam
 from rayrec.train.task import TrainTask
 from rayrec.train.weights import DenseWeights, ShardedWeights
 
@@ -268,7 +269,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         model = task.module.model if hasattr(task, "module") else task.model
         dense_params = list(task.parameters())  # student + the method's parameters (experts, selection nets)
         weights = DenseWeights(model, method)
-    optim = torch.optim.Adam(dense_params, lr=tc.lr, weight_decay=tc.weight_decay) if dense_params else None
+    optim = adam(dense_params, lr=tc.lr, weight_decay=tc.weight_decay) if dense_params else None
 
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights = None

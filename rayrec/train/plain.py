@@ -32,6 +32,7 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
     from rayrec.models import build_model
     from rayrec.train.fit import _ranking_for
     from rayrec.train.loop import _build_distillation, method_epoch_start, step_loss
+    from rayrec.train.optim import adam
     from rayrec.train.sampling import NegativeSampler, epoch_generator
     from rayrec.train.task import TrainTask
 
@@ -67,7 +68,7 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
         method, teacher = _build_distillation(cfg, pd, evald, device, 0, ranking,
                                               stream=lambda name: _parquet_stream(root / names[name]))
         task = TrainTask(model, reduction=tc.loss_reduction, world_size=1, method=method).to(device)
-        optim = torch.optim.Adam(list(task.parameters()), lr=tc.lr, weight_decay=tc.weight_decay)
+        optim = adam(task.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         users = torch.from_numpy(np.asarray(pd.train_user, dtype=np.int64))
         items = torch.from_numpy(np.asarray(pd.train_item, dtype=np.int64))
         out = []

@@ -62,3 +62,21 @@ def test_sharded_topk_equals_dense(tmp_path, spawn):
         torch.testing.assert_close(got["ns"], ns)
         assert torch.equal(got["ni"], ni)
         assert got["empty"] == (0, K)
+
+
+def test_block_topk_equals_topk_with_ties_inf_and_leftover_columns():
+    from rayrec.sharding.ranking import block_topk
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 300, (9, 1003), generator=g).float()  # many ties; 1003 = 4 * 250 + 3 leftover columns
+    s[0, :] = -torch.inf  # no admissible item
+    s[1, 500:] = -torch.inf  # fewer finite scores than k in the first block only
+    s[2, -3:] = 1000.0  # the leftover columns hold the best items
+    s[3, torch.randperm(1003, generator=g)[:990]] = -torch.inf  # only 13 finite scores
+    for k in (1, 50, 120):
+        v, i = block_topk(s, k)
+        want = torch.topk(s, k, dim=1).values
+        assert torch.equal(v.sort(dim=1, descending=True).values, want)
+        assert torch.equal(s.gather(1, i), v)  # ids point at their values
+        assert all(len(set(r.tolist())) == k for r in i)  # distinct items
+    assert torch.isin(torch.tensor([1000, 1001, 1002]), block_topk(s, 3)[1][2]).all()

@@ -221,3 +221,7 @@ def test_config_accepts_row_blocks_only(tmp_path):
     validate(cfg("model.sharding=row_wise"))  # full ranking over the propagated item blocks
     with pytest.raises(ConfigError, match="full ranking of a sharded model"):
         validate(cfg("model.sharding=table_wise", "model.name=neumf"))
+    validate(cfg("model.sharding=data_parallel", "model.name=neumf"))  # replicated tables: rank 0's rows
+    validate(cfg("model.sharding=data_parallel", "model.name=bpr"))
+    with pytest.raises(ConfigError, match="full ranking of a sharded model"):
+        validate(cfg("model.sharding=column_wise", "model.name=bpr"))
