@@ -2,10 +2,13 @@
 
     RAYREC_DATA=../shared/data .venv/bin/python benchmarks/derrd_citeulike.py --models bpr --seeds 0 1 2
 
-Per base model: the teacher is trained through the sharded path (2 Ray Train workers, row-wise TorchRec tables;
-``--teacher-checkpoint`` reuses one), ranked once (top-500 per user, train items excluded), then every method
-distills it into a φ = 0.1 student (BPR 200 -> 20, NeuMF 252 -> 25: fbgemm's sharded tables need a multiple of 4,
-so the NeuMF teacher is 252 wide instead of the paper's 250) with the paper's training set-up, for each seed.
+Per base model: the teacher is trained as TorchRec tables (BPR: row-wise sharded over 2 Ray Train workers, fused
+row-wise Adagrad, ``configs/teacher/sharded_row_wise.yaml``; NeuMF: replicated on 1 worker with the paper's dense
+Adam, ``configs/teacher/replicated_adam.yaml``, which says why; ``--teacher-checkpoint`` reuses one,
+``--teacher-overrides`` adds dotted overrides to its training and ranking), ranked once with its tables row-wise
+sharded (top-500 per user, train items excluded), then every method distills it, row-wise sharded, into a φ = 0.1
+student (BPR 200 -> 20, NeuMF 252 -> 25: fbgemm's sharded tables need a multiple of 4, so the NeuMF teacher is
+252 wide instead of the paper's 250) with the paper's training set-up, for each seed.
 Rows ``<model>_teacher``, ``<model>_<method>``: test metrics at the best valid H@5 epoch (mean over seeds,
 ``metrics_std``), epoch time (``timing.epoch_s`` the mean, ``epoch_median_s`` the median over every epoch of every
 seed, which other work on the machine barely moves), and the paper's numbers in ``extra.paper``. The file (and ``derrd_citeulike.md``) is
@@ -47,6 +50,7 @@ PAPER = {
 }
 PAPER_KEYS = ["test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20"]
 DIMS = {"bpr": (200, 20), "neumf": (252, 25)}
+TEACHER = {"bpr": "teacher/sharded_row_wise.yaml", "neumf": "teacher/replicated_adam.yaml"}
 # NeuMF: RRD dominates in the paper with λ_DE = 1e-4, λ_RRD = 1e-1 (Table 5, Foursquare)
 MODEL_OVERRIDES = {"bpr": [], "neumf": ["distill.de.lambda_de=0.0001", "distill.rrd.lambda_rrd=0.1"]}
 
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
+    ap.add_argument("--teacher-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides for training and ranking the teacher, e.g. train.threads_per_worker=1")
     ap.add_argument("--out", default=None, help="part name: benchmarks/results/<out>.json (+ .md); default "
                     "derrd_citeulike_<models>_<methods>_s<seeds> (merge the parts with --aggregate)")
     ap.add_argument("--smoke", action="store_true")
@@ -128,8 +134,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     for model in args.models:
         t_dim, s_dim = DIMS[model] if not args.smoke else (20 if model == "bpr" else 24, 8)
-        teacher_files = [CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "teacher/sharded_row_wise.yaml"]
-        teacher_over = [f"name=derrd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}", *common]
+        teacher_files = [CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / TEACHER[model]]
+        teacher_over = [f"name=derrd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}", *common,
+                        *args.teacher_overrides]
         if args.teacher_checkpoint:  # its row comes from the summary the training run left in the checkpoint
             ckpt = args.teacher_checkpoint
             t = json.loads((Path(ckpt) / "summary.json").read_text())
