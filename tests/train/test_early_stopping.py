@@ -49,3 +49,20 @@ def test_patience_any_names_metrics_computed_every_epoch(tmp_path):
     with pytest.raises(ConfigError, match=r"train.patience_any names \['valid/H@50'\]"):
         validate(cfg)
     validate(load_config(None, [f"storage_root={tmp_path}", "train.patience_any=[valid/H@10,valid/H@20]"]))
+
+
+def test_grads_finite_finds_nan_inf_and_survives_an_overflowing_sum():
+    import torch
+
+    from rayrec.train.loop import grads_finite
+
+    big, p, none = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 1000, 2))
+    big.grad = torch.full((3,), 3e38)  # finite, but its float32 sum overflows: the exact check clears it
+    p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert grads_finite([big, p, none]) and grads_finite([])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        p.grad[17] = bad
+        assert not grads_finite([big, p, none])
+    p.grad[17] = 0.0
+    big.grad[1] = float("-inf")
+    assert not grads_finite([big, p])
