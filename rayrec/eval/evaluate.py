@@ -32,6 +32,7 @@ from rayrec.eval.metrics import (
     sampled_ranks,
 )
 from rayrec.models.base import Recommender
+from rayrec.topk import block_topk
 
 
 @dataclass
@@ -169,7 +170,7 @@ def _sharded_positions(q: Tensor, excl: tuple[Tensor, Tensor], truth: Tensor, th
     L = min(kmax, I_r)
     part = torch.full((W * Bm, kmax), -torch.inf, dtype=s.dtype)
     if L > 0:
-        part[:, :L] = torch.topk(s, L, dim=1).values
+        part[:, :L] = block_topk(s, L)[0]  # unsorted: the merge sorts
     parts = _gather(part)[:, rank * Bm : rank * Bm + B]  # [W, B, kmax] every rank's best rows for my users
     n_cand = _gather(n_cand_local)[:, rank * Bm : rank * Bm + B].sum(dim=0)  # [B]
     merged = torch.topk(parts.permute(1, 0, 2).reshape(B, -1), min(kmax, W * kmax), dim=1).values  # [B, kmax]

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from rayrec.topk import sorted_topk
+
 __all__ = [
     "sampled_ranks",
     "sampled_metrics",
@@ -263,7 +265,7 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
     th = torch.where(torch.isnan(th), -torch.inf, th)
     th = th.masked_fill(~valid, torch.nan)  # padding never counts as a held-out item ranked above another
 
-    top = torch.topk(other, min(kmax, num_items), dim=1, sorted=True).values  # [B, L] best candidates, descending
+    top = sorted_topk(other, min(kmax, num_items))[0]  # [B, L] best candidates, descending
     del other
     return positions_from_top(top, n_cand, th, kmax)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from rayrec.distributed import all_gather_stack, world
+from rayrec.topk import sorted_topk
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def student_topk(model, num_users: int, K: int, exclude=None, device=None, chunk
             row, items = exclude.rows(u)
             scores[row, items] = -torch.inf
         k = min(K, scores.shape[1])
-        out[s - lo : s - lo + len(u), :k] = scores.topk(k, dim=1).indices
+        out[s - lo : s - lo + len(u), :k] = sorted_topk(scores, k)[1]
     model.train(was_training)
     gathered = all_gather_stack(out.to(device) if device is not None else out)  # [W, per, K] (nccl: on device)
     return gathered.cpu().reshape(-1, K)[:num_users]

@@ -65,7 +65,7 @@ def test_sharded_topk_equals_dense(tmp_path, spawn):
 
 
 def test_block_topk_equals_topk_with_ties_inf_and_leftover_columns():
-    from rayrec.sharding.ranking import block_topk
+    from rayrec.topk import block_topk, sorted_topk
 
     g = torch.Generator().manual_seed(0)
     s = torch.randint(0, 300, (9, 1003), generator=g).float()  # many ties; 1003 = 4 * 250 + 3 leftover columns
@@ -73,10 +73,12 @@ def test_block_topk_equals_topk_with_ties_inf_and_leftover_columns():
     s[1, 500:] = -torch.inf  # fewer finite scores than k in the first block only
     s[2, -3:] = 1000.0  # the leftover columns hold the best items
     s[3, torch.randperm(1003, generator=g)[:990]] = -torch.inf  # only 13 finite scores
-    for k in (1, 50, 120):
-        v, i = block_topk(s, k)
+    for k, g in ((1, 0), (50, 0), (120, 0), (50, 4), (30, 7), (600, 0)):  # 0: the default g; 600: one plain topk
+        v, i = block_topk(s, k, g)
         want = torch.topk(s, k, dim=1).values
         assert torch.equal(v.sort(dim=1, descending=True).values, want)
         assert torch.equal(s.gather(1, i), v)  # ids point at their values
         assert all(len(set(r.tolist())) == k for r in i)  # distinct items
+    v, i = sorted_topk(s, 50)
+    assert torch.equal(v, torch.topk(s, 50, dim=1).values) and torch.equal(s.gather(1, i), v)
     assert torch.isin(torch.tensor([1000, 1001, 1002]), block_topk(s, 3)[1][2]).all()
