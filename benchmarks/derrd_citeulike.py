@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> Path:
                                    f"distill.method={method}", f"train.seed={seed}", *teacher_ref,
                                    *MODEL_OVERRIDES[model], *common, *args.overrides])
                 runs.append(fit(cfg))
-            rows.append(_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim), runs[0]["world_size"]))
-            flush(False)
+                # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
+                row = _row(f"{model}_{method}", model, method, runs, (t_dim, s_dim), runs[0]["world_size"])
+                rows[len(rows) - (len(runs) > 1):] = [row]
+                flush(False)
     flush(True)
     print(_markdown(rows))
     print(f"wrote {out_path}")

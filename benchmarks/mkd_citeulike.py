@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> Path:
                         f"train.seed={seed}", *(["model.init_std=0.1"] if model == "lightgcn" else []),
                         *(teacher_ref if method != "none" else []), *common, *args.overrides]
                 runs.append(fit(load_config(files, over)))
-            rows.append(_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim)))
-            flush(False)
+                # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
+                rows[len(rows) - (len(runs) > 1):] = [_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim))]
+                flush(False)
     flush(True)
     print(_markdown(rows))
     print(f"wrote {out_path}")

@@ -52,3 +52,38 @@ def test_parts_of_different_teachers_are_refused(tmp_path, monkeypatch):
     _part(tmp_path, "bench", "bpr_teacher", [0], [0.91], {"epoch_s": 3.0}, "2026-01-03T00:00:00Z")  # retrained
     with pytest.raises(ValueError, match=r"different teachers.*bench_a.json.*bench_b.json.*vs.*bench_bpr_teacher_s0"):
         common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_teacher"])
+
+
+def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypatch):
+    """derrd_citeulike writes its part after every seed: a run killed during seed 1 of a method keeps seed 0."""
+    import benchmarks.common as common
+    import benchmarks.derrd_citeulike as bench
+    import rayrec.teacher.rank as rank
+    import rayrec.train.fit as fit_mod
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+
+    def summary(seed, h5):
+        return {"metrics": {"test/H@5": h5}, "config": {"train": {"seed": seed}}, "world_size": 1,
+                "timing": {"epoch_train_s": 1.0, "epoch_eval_s": 0.1}, "history": [{"time/train_s": 1.0}],
+                "num_parameters": 10, "best_epoch": 3, "epochs_run": 5}
+
+    ckpt = tmp_path / "teacher"
+    ckpt.mkdir()
+    (ckpt / "summary.json").write_text(json.dumps(summary(0, 0.5)))
+    monkeypatch.setattr(rank, "rank_teacher", lambda cfg, ckpt: str(tmp_path / "ranking"))
+
+    def fake_fit(cfg):
+        if cfg.train.seed == 1:
+            raise KeyboardInterrupt  # the run is killed during seed 1
+        return summary(cfg.train.seed, 0.4)
+
+    monkeypatch.setattr(fit_mod, "fit", fake_fit)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--models", "bpr", "--methods", "de", "--seeds", "0", "1", "--teacher-checkpoint", str(ckpt),
+                    "--out", "derrd_citeulike_part"])
+    doc = json.loads((tmp_path / "derrd_citeulike_part.json").read_text())
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert set(rows) == {"bpr_teacher", "bpr_de"} and rows["bpr_de"]["seeds"] == [0]
+    assert rows["bpr_de"]["metrics"]["test/H@5"] == 0.4 and not rows["bpr_de"]["extra"]["complete"]
