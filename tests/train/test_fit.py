@@ -201,8 +201,9 @@ def test_sharded_lightgcn_teacher_evaluates_ranks_and_teaches(ray_session, prepa
 def test_sharded_needs_workers(tmp_path):
     with pytest.raises(ConfigError, match="num_workers >= 1"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "ray.num_workers=0"))
-    with pytest.raises(ConfigError, match="row_wise"):
-        validate(_cfg(tmp_path, "model.sharding=table_wise"))
+    validate(_cfg(tmp_path, "model.sharding=table_wise"))  # BPR's full ranking over table-wise row blocks
+    with pytest.raises(ConfigError, match="full ranking of a sharded model"):
+        validate(_cfg(tmp_path, "model.sharding=table_wise", "model.name=neumf", "model.dim=24"))
     with pytest.raises(ConfigError, match="CUDA"):
         validate(_cfg(tmp_path, "model.sharding=row_wise", "model.fused_optimizer=adam"))
     with pytest.raises(ConfigError, match="row blocks"):
