@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
     ap.add_argument("--teacher-overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="dotted overrides for training and ranking the teacher, e.g. train.threads_per_worker=1")
+                    help="dotted overrides for training and ranking the teacher, e.g. train.threads_per_worker=1 "
+                    "(it takes every word after it: put it last, after the students' overrides)")
     ap.add_argument("--out", default=None, help="part name: benchmarks/results/<out>.json (+ .md); default "
                     "derrd_citeulike_<models>_<methods>_s<seeds> (merge the parts with --aggregate)")
     ap.add_argument("--smoke", action="store_true")
