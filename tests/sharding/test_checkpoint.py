@@ -16,12 +16,18 @@ U, I, D = 11, 23, 4
 
 
 
-def _worker(rank, world, port, mode, sharding_type, ckpt, out):
+def _sharded_bpr(rank, world, port, mode, sharding_type, optimizer, lr):
+    """Join the gloo group and shard a BPR whose init differs between saving and loading (a load must overwrite
+    everything)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(1234 if mode == "save" else 99)  # different init: a load must overwrite everything
-    dmp = shard_model(TrainTask(ShardedBPR(U, I, D, init_std=0.3)), sharding_type=sharding_type,
-                      optimizer="exact_rowwise_adagrad", lr=0.1)
+    torch.manual_seed(1234 if mode == "save" else 99)
+    return shard_model(TrainTask(ShardedBPR(U, I, D, init_std=0.3)), sharding_type=sharding_type,
+                       optimizer=optimizer, lr=lr)
+
+
+def _worker(rank, world, port, mode, sharding_type, ckpt, out):
+    dmp = _sharded_bpr(rank, world, port, mode, sharding_type, "exact_rowwise_adagrad", 0.1)
     if mode == "save":  # a training step fills the row-wise Adagrad accumulators of the rows it touched
         g = torch.Generator().manual_seed(rank)
         loss, _ = dmp(torch.randint(0, U, (6,), generator=g), torch.randint(0, I, (6,), generator=g),
@@ -76,11 +82,7 @@ def test_round_trip_across_world_sizes(tmp_path, spawn, save_world, load_world, 
 
 
 def _dp_worker(rank, world, port, mode, sharding_type, ckpt, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(1234 if mode == "save" else 99)  # different init: the load must overwrite everything
-    dmp = shard_model(TrainTask(ShardedBPR(U, I, D, init_std=0.3)), sharding_type=sharding_type,
-                      optimizer="exact_sgd", lr=0.0)
+    dmp = _sharded_bpr(rank, world, port, mode, sharding_type, "exact_sgd", 0.0)
     if mode == "save":
         save_sharded(dmp, ckpt)
     else:
