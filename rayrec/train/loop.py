@@ -25,8 +25,8 @@ from rayrec.distributed import all_reduce
 from rayrec.eval.evaluate import EvalData, evaluate
 from rayrec.models import build_model
 from rayrec.distill.base import DistillBatch
-from rayrec.train.sampling import NegativeSampler, epoch_generator
 from rayrec.train.optim import adam
+from rayrec.train.sampling import NegativeSampler, epoch_generator
 from rayrec.train.task import TrainTask
 from rayrec.train.weights import DenseWeights, ShardedWeights
 
@@ -71,10 +71,9 @@ def grads_finite(params: list[torch.Tensor]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
-    sums = torch.stack([g.sum().float() for g in grads])  # an overflowing sum only sends its gradient to the exact check
-    if bool(torch.isfinite(sums).all()):
-        return True
-    return all(bool(torch.isfinite(g).all()) for g, ok in zip(grads, torch.isfinite(sums).tolist()) if not ok)
+    # an overflowing sum only sends its gradient to the exact check
+    ok = torch.isfinite(torch.stack([g.sum().float() for g in grads])).tolist()
+    return all(bool(torch.isfinite(g).all()) for g, fine in zip(grads, ok) if not fine)
 
 
 def _nonfinite(rank: int, world: int, epoch: int, step: int, what: str, terms: dict) -> str:
