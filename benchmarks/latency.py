@@ -9,7 +9,7 @@ and batch size (1, 64, 1024 users), the p50/p90/p99 wall time of one top-20 call
 - the student: BPR d=20 (phi = 0.1) exported like ``jobs/export.py`` does (``torch.export``) and loaded back with
   :func:`rayrec.serve.load_exported`'s wrapper: what a user deploys;
 - ``naive``: the student's scores as one ``[B, I]`` matmul and one ``torch.topk`` (the serving path before user
-  blocks and the grouped top-k), kept as the before/after reference.
+  blocks and the two-level block top-k), kept as the before/after reference.
 
 Latency depends on the shapes only, so the tables hold N(0, 0.1) weights unless ``--teacher-checkpoint`` /
 ``--student-checkpoint`` name trained runs (their shapes replace the CiteULike ones). One row per catalogue and

@@ -24,42 +24,22 @@ from torch import Tensor, nn
 
 from rayrec.artifacts import check_checkpoint, commit_dir, read_manifest, temp_dir_for
 from rayrec.errors import ArtifactError
+from rayrec.topk import sorted_topk
 
 KIND = "exported_student"
 RERUN = "jobs/export.py --checkpoint <student run checkpoint>"
-
-
-def grouped_topk(scores: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
-    """``torch.topk(scores, k, dim=1)`` for ``scores`` ``[B, I]`` in two cheap levels: the maximum of every group of
-    ``group`` consecutive items, the ``k`` best groups by that maximum, then the top ``k`` of those groups'
-    ``k * group`` items; the last ``I mod group`` items are ranked apart and merged. Exact: an item outside the
-    ``k`` best groups has ``k`` group maxima (each a distinct item) at least as large, so it is not in the top
-    ``k`` (ties aside). About 3x cheaper than one ``topk`` over ``I`` items on CPU, which dominates a small
-    student's serving time. Needs ``I >= k * group``."""
-    B, n = scores.shape
-    full = n // group * group
-    # a view, no copy: row r's first `full` scores as [G, g] (row stride stays n)
-    s3 = scores.as_strided((B, full // group, group), (scores.stride(0), group, 1))  # [B, G, g]
-    _, best = torch.topk(s3.amax(dim=2), k, dim=1)  # [B, k] groups
-    cand = torch.gather(s3, 1, best.unsqueeze(-1).expand(-1, -1, group)).reshape(B, k * group)  # [B, k·g]
-    values, pos = torch.topk(cand, k, dim=1)  # [B, k]
-    items = torch.gather(best, 1, pos // group) * group + pos % group
-    if full == n:
-        return values, items
-    tv, ti = torch.topk(scores[:, full:], min(k, n - full), dim=1)  # the tail [B, I mod g]
-    v, p = torch.topk(torch.cat([values, tv], dim=1), k, dim=1)
-    return v, torch.gather(torch.cat([items, ti + full], dim=1), 1, p)
 
 
 class TopK(nn.Module):
     """Top-``k`` items of every user in a batch, over all items (no training state).
 
     Scores are computed per chunk of ``item_chunk`` items (32k: a 16 MiB block of 128 users), each chunk's top ``k`` by
-    :func:`grouped_topk`, merged with one last ``topk``; the item loop is static, so ``torch.export`` keeps it.
+    the two-level :func:`rayrec.topk.sorted_topk` (one thread, 1024 users x 25k items, k = 20: 53 ms for one
+    ``torch.topk``, 32 ms for the former consecutive groups of 64, 19 ms), merged with one last ``topk``; the item
+    loop is static, so ``torch.export`` keeps it.
     Large batches go through :class:`BlockedTopK` (blocks of users, so a score block stays ~16 MiB)."""
 
-    def __init__(self, kind: str, tensors: dict[str, Tensor], k: int = 20, group: int = 64,
-                 item_chunk: int = 1 << 15) -> None:
+    def __init__(self, kind: str, tensors: dict[str, Tensor], k: int = 20, item_chunk: int = 1 << 15) -> None:
         super().__init__()
         self.kind, self.k = kind, k
         if kind == "dot":
@@ -74,8 +54,6 @@ class TopK(nn.Module):
             raise ValueError(f"unknown serving kind {kind!r}")
         n = self.num_items
         self.chunks = [(a, min(a + item_chunk, n)) for a in range(0, n, item_chunk)]
-        # the grouped top-k pays off only with many groups per chunk; otherwise one plain topk
-        self.group = group if min(b - a for a, b in self.chunks) >= 4 * k * group else 0
 
     def num_users(self) -> int:
         return int((self.users_m if self.kind == "dot" else self.gmf_user).shape[0])
@@ -96,10 +74,7 @@ class TopK(nn.Module):
         values, items = [], []
         for a, b in self.chunks:
             s = self.scores(users, a, b)  # [B, I_c]
-            if self.group:
-                v, i = grouped_topk(s, self.k, self.group)
-            else:
-                v, i = torch.topk(s, min(self.k, b - a), dim=1)
+            v, i = sorted_topk(s, min(self.k, b - a))  # [B, k] best first (one plain topk for small chunks)
             values.append(v)
             items.append(i + a)
         if len(self.chunks) == 1:

@@ -116,26 +116,28 @@ def test_serving_module_ranks_like_the_model(kind):
 
 @pytest.mark.parametrize("item_chunk", [1 << 18, 1000, 1700])
 def test_grouped_chunked_blocked_topk_equals_one_topk(item_chunk):
-    # 3000 items: two-level grouped top-k (groups of 64, k=5), item chunks merged, users in blocks of 3
-    from rayrec.serve import BlockedTopK, TopK, grouped_topk
+    # 3000 items: two-level block top-k (k=5), item chunks merged, users in blocks of 3
+    from rayrec.serve import BlockedTopK, TopK
+    from rayrec.topk import sorted_topk
 
     torch.manual_seed(0)
     U, I, D = 10, 3000, 6
     tensors = {"user": torch.randn(U, D), "item": torch.randn(I, D)}
     top = TopK("dot", tensors, k=5, item_chunk=item_chunk)
-    assert top.group == (64 if item_chunk > 1280 else 0) and len(top.chunks) == -(-I // item_chunk)
+    assert len(top.chunks) == -(-I // item_chunk)
     users = torch.tensor([9, 0, 3, 3, 7, 1, 2])
     want = (tensors["user"][users] @ tensors["item"].t()).topk(5, dim=1)
     for module in (top, BlockedTopK(top, 3)):
         values, items = module(users)
         torch.testing.assert_close(values, want.values)
         assert torch.equal(items, want.indices)
-    # the best items all in one group; the best item in the tail (530 = 8 groups of 64 + 18)
+    # the best items all in one group ({7, 7 + 66, ...}: k = 5 over 530 items makes g = 8 groups of stride 66); the
+    # best item in the 2 leftover columns
     s = torch.full((2, 530), -1.0)
-    s[0, 64:69] = torch.arange(5.0)
-    s[1, 520] = 9.0
-    v, i = grouped_topk(s, 5, 64)
-    assert i[0].tolist() == [68, 67, 66, 65, 64] and int(i[1, 0]) == 520 and float(v[1, 0]) == 9.0
+    s[0, torch.arange(5) * 66 + 7] = torch.arange(5.0)
+    s[1, 529] = 9.0
+    v, i = sorted_topk(s, 5)
+    assert i[0].tolist() == [271, 205, 139, 73, 7] and int(i[1, 0]) == 529 and float(v[1, 0]) == 9.0
 
 
 def test_export_roundtrip_and_id_maps(run, tmp_path):
