@@ -6,7 +6,8 @@ Protocol (``configs/protocol/mkd_citeulike_t.yaml``, ``../shared/docs/methods/mk
 items, per-user 80/10/10 in file order, full ranking over all items, Recall/NDCG@10/20 averaged over all users
 (no held-out item: 0), early stopping on valid NDCG@10 (patience 30), test metrics of the best epoch.
 Per base model the teacher (d = 200, the paper's "one tenth" claim -> student d = 20) is trained through the
-sharded path (2 Ray Train workers, row-wise TorchRec tables; ``--teacher-checkpoint`` reuses one), ranked once
+sharded path (2 Ray Train workers, row-wise TorchRec tables; ``--teacher-checkpoint`` reuses one,
+``--teacher-overrides`` adds dotted overrides to its training and ranking), ranked once
 (top-500 per user, train items excluded, 5 user/item neighbours after PCA), then every method distills it into the
 d = 20 student for each seed. Rows ``<model>_teacher``, ``<model>_<method>`` with the mean over seeds
 (``metrics_std``), epoch time, best epochs. Written after every run (``extra.complete`` false until the last one),
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--teacher-checkpoint", default=None, help="reuse a trained sharded teacher (one model only)")
+    ap.add_argument("--teacher-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides for training and ranking the teacher, e.g. ray.num_workers=1 "
+                    "(it takes every word after it: put it last, after the students' overrides)")
     ap.add_argument("--out", default=None, help="part name: benchmarks/results/<out>.json (+ .md); default "
                     "mkd_citeulike_<models>_<methods>_s<seeds> (merge the parts with --aggregate)")
     ap.add_argument("--smoke", action="store_true")
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     out_path = RESULTS / "smoke" / f"{args.out}.json" if args.smoke else RESULTS / f"{args.out}.json"
     protocol = CONFIG_DIR / "protocol/mkd_citeulike_t.yaml"
-    common = ["storage_root=runs/smoke", "train.max_epochs=1", "data.dataset=ml100k", "data.min_user_interactions=0",
+    common = ["storage_root=runs/smoke", "train.max_epochs=1", "data.dataset=ml-100k", "data.min_user_interactions=0",
               "distill.cpd.mxK=50", "distill.sld.K=20", "distill.rrd.K=10", "distill.rrd.L=10"] if args.smoke else []
     top_n = 50 if args.smoke else 500
     rows: list[dict] = []
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> Path:
         teacher_files = [protocol, CONFIG_DIR / "teacher/sharded_row_wise.yaml"]
         teacher_over = [f"name=mkd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}",
                         *(["model.init_std=0.1"] if model == "lightgcn" else []), *common]
-        teacher_over = [o for o in teacher_over if not o.startswith("distill.")]
+        teacher_over = [o for o in teacher_over if not o.startswith("distill.")] + args.teacher_overrides
         if args.teacher_checkpoint:
             ckpt = args.teacher_checkpoint
             t = json.loads((Path(ckpt) / "summary.json").read_text())

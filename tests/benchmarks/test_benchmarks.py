@@ -84,6 +84,21 @@ def test_derrd_citeulike_smoke(ray_session, tmp_path):
     assert (Path(doc_path := REPO / "benchmarks/results/smoke/derrd_citeulike.md")).read_text().count("| bpr_") == 3, doc_path
 
 
+@pytest.mark.slow  # ~60 s; MKD's stages run in tests/train/test_fit.py and tests/distill/test_mkd.py
+@pytest.mark.ray
+def test_mkd_citeulike_smoke(ray_session, tmp_path):
+    from benchmarks.mkd_citeulike import main
+
+    doc = _check_format(main([f"storage_root={tmp_path}", "--smoke", "--models", "bpr", "--methods", "none", "mkd",
+                              "--seeds", "0", "--teacher-overrides", "ray.num_workers=1"]))
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert set(rows) == {"bpr_teacher", "bpr_none", "bpr_mkd"} and rows["bpr_mkd"]["extra"]["complete"]
+    assert rows["bpr_teacher"]["world_size"] == 1  # the teacher override reached its training
+    # projectors are training-only: the MKD student has the student-alone parameter count
+    assert rows["bpr_mkd"]["extra"]["num_parameters"] == rows["bpr_none"]["extra"]["num_parameters"]
+    assert {"full/Recall@10", "full/NDCG@20"} <= set(rows["bpr_mkd"]["metrics"])
+
+
 def test_latency_smoke():
     from benchmarks.latency import main
 
