@@ -253,10 +253,10 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
 
     # Candidate scores: NaN candidates rank above everything (+inf, which also ties with a +inf held-out item and
     # wins the tie); masked and held-out items are not candidates (-inf, and not counted: see n_cand).
-    other = torch.where(torch.isnan(scores), torch.inf, scores)
+    other = torch.nan_to_num(scores, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)  # one pass, a copy
     if exclude is not None:
         heldout |= exclude
-    n_cand = num_items - heldout.sum(dim=1)  # [B] candidates per row
+    n_cand = num_items - _row_counts(heldout)  # [B] candidates per row
     other.masked_fill_(heldout, -torch.inf)
     del heldout
 
@@ -268,6 +268,15 @@ def _heldout_positions(scores: Tensor, exclude: Tensor | None, truth: Tensor, va
     top = sorted_topk(other, min(kmax, num_items))[0]  # [B, L] best candidates, descending
     del other
     return positions_from_top(top, n_cand, th, kmax)
+
+
+def _row_counts(mask: Tensor) -> Tensor:
+    """``[B]`` int64 number of True entries per row of a ``[B, I]`` bool mask: int16 sums over column blocks that
+    cannot overflow (a bool ``sum`` accumulates in int64 and is several times slower on CPU)."""
+    out = torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    for a in range(0, mask.shape[1], 32_767):
+        out += mask[:, a : a + 32_767].sum(dim=1, dtype=torch.int16)
+    return out
 
 
 def positions_from_top(top: Tensor, n_cand: Tensor, th: Tensor, kmax: int) -> Tensor:
