@@ -161,7 +161,7 @@ class UnKD(DistillMethod):
         self.item_group = torch.as_tensor(popularity_groups(counts, cfg.groups, cfg.split))  # [I]
         self.n_g = pairs_per_group(counts, self.item_group.numpy(), cfg.groups, cfg.n_distill, cfg.gamma)
         self.group_items = [torch.nonzero(self.item_group == g).flatten() for g in range(cfg.groups)]
-        self.train = NegativeSampler(train_indptr, train_indices, num_items)  # train membership (searchsorted)
+        self.train_items = NegativeSampler(train_indptr, train_indices, num_items)  # train membership (searchsorted)
         users = torch.repeat_interleave(torch.arange(U), torch.as_tensor(np.diff(train_indptr)))  # [nnz]
         g_train = self.item_group[torch.as_tensor(np.asarray(train_indices), dtype=torch.int64)]  # [nnz]
         keep = g_train >= 0
@@ -171,7 +171,7 @@ class UnKD(DistillMethod):
         tg = torch.full(topn.shape, -1, dtype=torch.int8)
         for s in range(0, U, chunk):
             t = topn[s:s + chunk]
-            ok = (t >= 0) & ~self.train.contains(torch.arange(s, s + t.shape[0]), t.clamp(min=0))
+            ok = (t >= 0) & ~self.train_items.contains(torch.arange(s, s + t.shape[0]), t.clamp(min=0))
             tg[s:s + chunk] = torch.where(ok, self.item_group[t.clamp(min=0)], -1).to(torch.int8)
         self.topn, self.topn_group = topn, tg
         P = sum(self.n_g)
@@ -191,7 +191,7 @@ class UnKD(DistillMethod):
             if len(todo) == 0:
                 break
             cand = pool[torch.randint(0, len(pool), (len(todo),), generator=generator)]  # [m]
-            in_train = self.train.contains(users[todo], cand.unsqueeze(1)).squeeze(1)  # [m]
+            in_train = self.train_items.contains(users[todo], cand.unsqueeze(1)).squeeze(1)  # [m]
             bad = in_train | (topn[todo] == cand.unsqueeze(1)).any(dim=1)  # [m] train or listed: redraw
             items[todo[~bad]] = cand[~bad]
             todo = todo[bad]

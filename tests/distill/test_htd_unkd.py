@@ -229,6 +229,14 @@ def test_unkd_pairs_stay_in_one_group_and_follow_the_teacher_order():
         assert (scores[u, full.pos[u][keep]] > scores[u, full.neg[u][keep]]).all()
 
 
+def test_unkd_switches_between_train_and_eval_like_any_module():
+    m, *_ = _unkd_setup()
+    m.eval()
+    assert not m.training
+    m.train()
+    assert m.training
+
+
 def test_unkd_ignores_train_items_left_in_the_lists():
     m, scores, train, topn = _unkd_setup(N=8)
     topn = topn.copy()
