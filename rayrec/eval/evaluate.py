@@ -31,7 +31,7 @@ from rayrec.eval.metrics import (
     sampled_metrics,
     sampled_ranks,
 )
-from rayrec.models.base import Recommender
+from rayrec.models.base import Recommender, shared_forward
 from rayrec.topk import block_topk
 
 
@@ -229,6 +229,12 @@ def evaluate(
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    with shared_forward(model):  # fixed weights: LightGCN propagates once for every chunk
+        return _evaluate(model, data, split, cfg, sampled, full, device, shard, lockstep)
+
+
+def _evaluate(model, data: EvalData, split: str, cfg: EvalConfig, sampled: bool | None, full: bool | None,
+              device, shard: RowShard | None, lockstep: bool) -> dict[str, float]:
     sampled = cfg.sampled if sampled is None else sampled
     full = cfg.full if full is None else full
     truth_csr = data.valid if split == "valid" else data.test

@@ -7,6 +7,8 @@ Shape letters: ``B`` users (or interaction rows) in a batch, ``C`` candidate ite
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +52,21 @@ class Recommender(nn.Module, ABC):
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         return self.score(users, items)
 
+    @contextmanager
+    def shared_forward(self) -> Iterator[None]:
+        """A span in which the weights do not change (one training step's losses, one evaluation pass): a model
+        whose representations cost a whole-table computation (LightGCN's propagation) may compute them once and
+        serve every lookup inside from it. Nothing for models whose lookups are independent."""
+        yield
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def shared_forward(model: nn.Module):
+    """``model.shared_forward()`` where the model has one (every :class:`Recommender`), else a no-op context."""
+    fn = getattr(model, "shared_forward", None)
+    return fn() if fn is not None else nullcontext()
 
 
 def reduce(x: Tensor, reduction: str) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from rayrec.distributed import all_gather_stack, world
+from rayrec.models.base import shared_forward
 from rayrec.topk import sorted_topk
 
 
@@ -24,14 +25,15 @@ def student_topk(model, num_users: int, K: int, exclude=None, device=None, chunk
     was_training = model.training
     model.eval()
     out = torch.full((per, K), -1, dtype=torch.int64)
-    for s in range(lo, hi, chunk):
-        u = torch.arange(s, min(s + chunk, hi))
-        scores = model.score_all(u.to(device) if device is not None else u).float().cpu()  # [B, I]
-        if exclude is not None:
-            row, items = exclude.rows(u)
-            scores[row, items] = -torch.inf
-        k = min(K, scores.shape[1])
-        out[s - lo : s - lo + len(u), :k] = sorted_topk(scores, k)[1]
+    with shared_forward(model):  # fixed weights: LightGCN propagates once for every chunk
+        for s in range(lo, hi, chunk):
+            u = torch.arange(s, min(s + chunk, hi))
+            scores = model.score_all(u.to(device) if device is not None else u).float().cpu()  # [B, I]
+            if exclude is not None:
+                row, items = exclude.rows(u)
+                scores[row, items] = -torch.inf
+            k = min(K, scores.shape[1])
+            out[s - lo : s - lo + len(u), :k] = sorted_topk(scores, k)[1]
     model.train(was_training)
     gathered = all_gather_stack(out.to(device) if device is not None else out)  # [W, per, K] (nccl: on device)
     return gathered.cpu().reshape(-1, K)[:num_users]

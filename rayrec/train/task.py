@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer
-from rayrec.models.base import Recommender
+from rayrec.models.base import Recommender, shared_forward
 
 
 class TrainTask(nn.Module):
@@ -29,11 +29,12 @@ class TrainTask(nn.Module):
 
     def forward(self, users: Tensor, pos: Tensor, neg: Tensor, batch: DistillBatch | None = None,
                 teacher: TeacherAnswer | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        base = self.model.base_loss(users, pos, neg, reduction=self.reduction)  # scalar, summed over [B]
-        total, terms = base, {"base": base.detach()}
-        if self.method is not None:
-            kd = self.method.losses(batch=batch, student=self.model, teacher=teacher, reduction=self.reduction)
-            for k, v in kd.items():  # weighted terms, e.g. kd/de = λ_DE · L_DE
-                total = total + v
-                terms[k] = v.detach()
+        with shared_forward(self.model):  # the weights are fixed for the step: LightGCN propagates once
+            base = self.model.base_loss(users, pos, neg, reduction=self.reduction)  # scalar, summed over [B]
+            total, terms = base, {"base": base.detach()}
+            if self.method is not None:
+                kd = self.method.losses(batch=batch, student=self.model, teacher=teacher, reduction=self.reduction)
+                for k, v in kd.items():  # weighted terms, e.g. kd/de = λ_DE · L_DE
+                    total = total + v
+                    terms[k] = v.detach()
         return total * self.scale, terms

@@ -36,3 +36,38 @@ def test_propagation_is_the_layer_mean_and_gradients_flow():
     g = m.user_emb.weight.grad
     assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0 and g[2].abs().sum() == 0
     assert m.num_parameters() == (3 + 4) * 5 and m.user_repr(torch.tensor([1]), layer=0)["emb"].shape == (1, 5)
+
+
+def test_propagation_gradients_equal_the_dense_graph_and_one_propagation_serves_a_step():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 6, 20), rng.integers(0, 9, 20)
+    m = LightGCN(6, 9, 4, layers=3, train_users=users, train_items=items)
+    A = normalized_adjacency(users, items, 6, 9).to_dense()
+    w = torch.cat([m.user_emb.weight, m.item_emb.weight]).detach().requires_grad_(True)
+    e, acc = w, w
+    for _ in range(3):
+        e = A @ e
+        acc = acc + e
+    want = acc / 4
+    target = torch.randn(15, 4)
+    ((want - target) ** 2).sum().backward()
+    with m.shared_forward():  # one training step: one propagation serves every lookup
+        U, I = m.propagate()
+        assert m.propagate()[0] is U and m.user_repr(torch.tensor([1]))["emb"].shape == (1, 4)
+        ((torch.cat([U, I]) - target) ** 2).sum().backward()
+        with torch.no_grad():
+            assert m.propagate()[0] is not U  # another grad mode: propagated again (without a graph)
+    torch.testing.assert_close(torch.cat([U, I]), want.detach())
+    torch.testing.assert_close(torch.cat([m.user_emb.weight.grad, m.item_emb.weight.grad]), w.grad)
+    assert m.propagate()[0] is not U  # outside a span every call propagates
+    with torch.no_grad():
+        m.user_emb.weight.add_(1.0)  # the weights change between spans
+    with m.shared_forward():
+        U2, _ = m.propagate()
+    e = torch.cat([m.user_emb.weight, m.item_emb.weight]).detach()
+    e_acc, cur = e, e
+    for _ in range(3):
+        cur = A @ cur
+        e_acc = e_acc + cur
+    torch.testing.assert_close(U2.detach(), (e_acc / 4)[:6])
