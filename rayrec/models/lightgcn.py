@@ -56,12 +56,12 @@ class _SymmetricSpMM(torch.autograd.Function):
     """``A @ x`` for a symmetric sparse ``A`` (CSR): the backward is ``A @ grad`` with the same matrix."""
 
     @staticmethod
-    def forward(ctx, A: Tensor, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, A: Tensor, x: Tensor) -> Tensor:
         ctx.A = A
         return A @ x
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
         return None, ctx.A @ grad
 
 
