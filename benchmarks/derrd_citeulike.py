@@ -51,9 +51,6 @@ PAPER = {
 PAPER_KEYS = ["test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20"]
 DIMS = {"bpr": (200, 20), "neumf": (252, 25)}
 TEACHER = {"bpr": "teacher/sharded_row_wise.yaml", "neumf": "teacher/replicated_adam.yaml"}
-# NeuMF teacher: Adam lr / L2 of the best trial of configs/tune/neumf_teacher.yaml (results/tune_neumf_teacher/:
-# valid H@5 0.4526; the paper recipe's lr 1e-3, L2 1e-3 stopped at 0.42); --teacher-overrides come after these
-TEACHER_DEFAULTS = {"bpr": [], "neumf": ["train.lr=0.001821999398807331", "train.weight_decay=0.00010126911166161196"]}
 # NeuMF: RRD dominates in the paper with λ_DE = 1e-4, λ_RRD = 1e-1 (Table 5, Foursquare)
 MODEL_OVERRIDES = {"bpr": [], "neumf": ["distill.de.lambda_de=0.0001", "distill.rrd.lambda_rrd=0.1"]}
 
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
         t_dim, s_dim = DIMS[model] if not args.smoke else (20 if model == "bpr" else 24, 8)
         teacher_files = [CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / TEACHER[model]]
         teacher_over = [f"name=derrd_{model}_teacher", f"model.name={model}", f"model.dim={t_dim}", *common,
-                        *TEACHER_DEFAULTS[model], *args.teacher_overrides]
+                        *args.teacher_overrides]
         if args.teacher_checkpoint:  # its row comes from the summary the training run left in the checkpoint
             ckpt = args.teacher_checkpoint
             t = json.loads((Path(ckpt) / "summary.json").read_text())
