@@ -11,9 +11,11 @@ student (BPR 200 -> 20, NeuMF 252 -> 25: fbgemm's sharded tables need a multiple
 252 wide instead of the paper's 250) with the paper's training set-up, for each seed.
 Rows ``<model>_teacher``, ``<model>_<method>``: test metrics at the best valid H@5 epoch (mean over seeds,
 ``metrics_std``), epoch time (``timing.epoch_s`` the mean, ``epoch_median_s`` the median over every epoch of every
-seed, which other work on the machine barely moves), and the paper's numbers in ``extra.paper``. The file (and ``derrd_citeulike.md``) is
-rewritten after every run with ``extra.complete`` false until the last one, so an interrupted run keeps what it
-measured. ``--smoke``: ML-100K, 1 epoch, 1 seed, tiny teacher, into ``benchmarks/results/smoke/``.
+seed, which other work on the machine barely moves), and the paper's numbers in ``extra.paper``. The file (and
+``derrd_citeulike.md``) is rewritten after every run with ``extra.complete`` false until the last one, so an
+interrupted run keeps what it measured; ``--resume`` (the same command again) keeps every run that finished with the
+same config and continues the interrupted one from its newest checkpoint. ``--smoke``: ML-100K, 1 epoch, 1 seed,
+tiny teacher, into ``benchmarks/results/smoke/``.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", default=None, help="part name: benchmarks/results/<out>.json (+ .md); default "
                     "derrd_citeulike_<models>_<methods>_s<seeds> (merge the parts with --aggregate)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep every run (teacher, ranking, student seed) that finished before with the same config, "
+                    "continue an interrupted one from its newest checkpoint, run the rest")
     ap.add_argument("--aggregate", action="store_true",
                     help="run nothing: merge every part file results/<name>_*.json into results/<name>.json")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
@@ -118,7 +123,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.out == "derrd_citeulike" and not args.smoke:
         raise SystemExit("--out derrd_citeulike is the aggregate of the parts (--aggregate); name the part differently")
     from rayrec.teacher.rank import rank_teacher
-    from rayrec.train.fit import fit
+    from rayrec.train.fit import fit, fit_or_resume
+
+    train = fit_or_resume if args.resume else fit
 
     out_path = RESULTS / "smoke" / f"{args.out}.json" if args.smoke else RESULTS / f"{args.out}.json"
     common = ["storage_root=runs/smoke", "train.max_epochs=1", "data.num_eval_negatives=99"] if args.smoke else []
@@ -143,12 +150,13 @@ def main(argv: list[str] | None = None) -> Path:
             t = json.loads((Path(ckpt) / "summary.json").read_text())
             t.setdefault("config", {"train": {"seed": 0}})  # summaries written before they carried the config
         else:
-            t = fit(load_config(teacher_files, teacher_over))
+            t = train(load_config(teacher_files, teacher_over))
             ckpt = t["checkpoint"]
         rows.append(_row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim), t["world_size"]))
         rows[-1]["extra"]["checkpoint"] = str(ckpt)
         flush(False)
-        ranking = rank_teacher(load_config(teacher_files, [*teacher_over, "rank.top_n=500"]), ckpt)
+        ranking = rank_teacher(load_config(teacher_files, [*teacher_over, "rank.top_n=500"]), ckpt,
+                               resume=args.resume)
         teacher_ref = [f"distill.teacher.checkpoint={ckpt}", f"distill.teacher.ranking={ranking}",
                        f"distill.teacher.name={model}", f"distill.teacher.dim={t_dim}"]
         for method in args.methods:
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
                                   [f"name=derrd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
                                    f"distill.method={method}", f"train.seed={seed}", *teacher_ref,
                                    *MODEL_OVERRIDES[model], *common, *args.overrides])
-                runs.append(fit(cfg))
+                runs.append(train(cfg))
                 # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
                 row = _row(f"{model}_{method}", model, method, runs, (t_dim, s_dim), runs[0]["world_size"])
                 rows[len(rows) - (len(runs) > 1):] = [row]

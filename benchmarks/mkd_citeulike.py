@@ -11,8 +11,10 @@ sharded path (2 Ray Train workers, row-wise TorchRec tables; ``--teacher-checkpo
 (top-500 per user, train items excluded, 5 user/item neighbours after PCA), then every method distills it into the
 d = 20 student for each seed. Rows ``<model>_teacher``, ``<model>_<method>`` with the mean over seeds
 (``metrics_std``), epoch time, best epochs. Written after every run (``extra.complete`` false until the last one),
-with a markdown table beside it. ``--smoke``: ML-100K, 1 epoch, 1 seed, tiny teacher, under ``results/smoke/``.
-The MKD paper gives no numbers (mkd.md §8.1); its claim is a student that beats its teacher.
+with a markdown table beside it. ``--resume``: the same command again after an interruption keeps every run that
+finished with the same config and continues the interrupted one from its newest checkpoint. ``--smoke``: ML-100K, 1
+epoch, 1 seed, tiny teacher, under ``results/smoke/``. The MKD paper gives no numbers (mkd.md §8.1); its claim is a
+student that beats its teacher.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", default=None, help="part name: benchmarks/results/<out>.json (+ .md); default "
                     "mkd_citeulike_<models>_<methods>_s<seeds> (merge the parts with --aggregate)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep every run (teacher, ranking, student seed) that finished before with the same config, "
+                    "continue an interrupted one from its newest checkpoint, run the rest")
     ap.add_argument("--aggregate", action="store_true",
                     help="run nothing: merge every part file results/<name>_*.json into results/<name>.json")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.out == "mkd_citeulike" and not args.smoke:
         raise SystemExit("--out mkd_citeulike is the aggregate of the parts (--aggregate); name the part differently")
     from rayrec.teacher.rank import rank_teacher
-    from rayrec.train.fit import fit
+    from rayrec.train.fit import fit, fit_or_resume
+
+    train = fit_or_resume if args.resume else fit
 
     out_path = RESULTS / "smoke" / f"{args.out}.json" if args.smoke else RESULTS / f"{args.out}.json"
     protocol = CONFIG_DIR / "protocol/mkd_citeulike_t.yaml"
@@ -124,13 +131,14 @@ def main(argv: list[str] | None = None) -> Path:
             ckpt = args.teacher_checkpoint
             t = json.loads((Path(ckpt) / "summary.json").read_text())
         else:
-            t = fit(load_config(teacher_files, teacher_over))
+            t = train(load_config(teacher_files, teacher_over))
             ckpt = t["checkpoint"]
         rows.append(_row(f"{model}_teacher", model, "teacher", [t], (t_dim, s_dim)))
         rows[-1]["extra"]["checkpoint"] = str(ckpt)
         flush(False)
         ranking = rank_teacher(load_config(teacher_files, [*teacher_over, f"rank.top_n={top_n}",
-                                                           "rank.user_neighbors=5", "rank.item_neighbors=5"]), ckpt)
+                                                           "rank.user_neighbors=5", "rank.item_neighbors=5"]), ckpt,
+                               resume=args.resume)
         teacher_ref = [f"distill.teacher.checkpoint={ckpt}", f"distill.teacher.ranking={ranking}",
                        f"distill.teacher.name={model}", f"distill.teacher.dim={t_dim}"]
         for method in args.methods:
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
                 over = [f"name=mkd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
                         f"train.seed={seed}", *(["model.init_std=0.1"] if model == "lightgcn" else []),
                         *(teacher_ref if method != "none" else []), *common, *args.overrides]
-                runs.append(fit(load_config(files, over)))
+                runs.append(train(load_config(files, over)))
                 # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
                 rows[len(rows) - (len(runs) > 1):] = [_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim))]
                 flush(False)

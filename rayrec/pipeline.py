@@ -13,8 +13,8 @@ prepared data (always reused when its manifest matches), every finished stage wh
 and the ranking when it is complete and of the same teacher and config; the stage that was cut short continues
 from its newest checkpoint written since it started (``fit(resume_from=...)``), or starts over when it wrote none.
 Once a stage is trained again, every later stage runs from scratch (it would read the new teacher). A stage whose
-config changed since the interrupted run is refused (the fingerprint leaves out ``ray.*`` and the fault-injection
-and retry keys, which do not change what is trained).
+config changed since the interrupted run is refused (the fingerprint leaves out ``ray.*``, ``storage_root``, ``name``
+and the fault-injection and retry keys, which do not change what is trained).
 """
 
 from __future__ import annotations
@@ -98,12 +98,10 @@ def stage_config(pc: PipelineConfig, *specs: StageSpec, extra: list[str] | None 
 
 
 def _fingerprint(cfg: ExperimentConfig) -> str:
-    """What a stage trains: its whole config but the resources and the fault-injection/retry keys."""
-    d = cfg.to_dict()
-    d.pop("ray", None)
-    for k in ("fault_step", "fault_rank", "fault_kind", "max_failures"):
-        d.get("train", {}).pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What a stage trains (:func:`rayrec.train.fit.config_fingerprint`)."""
+    from rayrec.train.fit import config_fingerprint
+
+    return config_fingerprint(cfg)
 
 
 class _Stages:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -170,6 +172,79 @@ def latest_checkpoint(cfg: ExperimentConfig, since: str | None = None) -> Path:
     return found[-1]
 
 
+def config_fingerprint(cfg: ExperimentConfig | dict) -> str:
+    """What a run trains: its whole config but where it runs and what it is called (``ray.*``, ``storage_root``,
+    ``name``) and the fault-injection/retry keys, which do not change what is trained."""
+    d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else cfg.to_dict(), default=str))
+    for k in ("ray", "storage_root", "name"):
+        d.pop(k, None)
+    for k in ("fault_step", "fault_rank", "fault_kind", "max_failures"):
+        d.get("train", {}).pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RUN_RECORD = "run.json"  # in every run directory, written before training: the config that run trains
+_RUN_DIR = re.compile(r"-\d{8}-\d{6}$")  # <name>-YYYYmmdd-HHMMSS (fit)
+
+
+def write_run_record(cfg: ExperimentConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_RECORD).write_text(json.dumps({"fingerprint": config_fingerprint(cfg), "config": cfg.to_dict()},
+                                                 indent=1, default=str))
+
+
+def find_resumable(cfg: ExperimentConfig) -> tuple[str, dict | Path] | None:
+    """Earlier work on exactly this run (same name, same :func:`config_fingerprint`) under the storage root:
+    ``("finished", summary)`` for the newest run that finished (its checkpoint still complete), else
+    ``("continue", checkpoint)`` for the newest complete per-epoch checkpoint of an interrupted run, else ``None``.
+    A run's config comes from its ``summary.json`` (finished) or its ``run.json`` (written when it started)."""
+    from rayrec.artifacts import check_checkpoint
+    from rayrec.errors import ArtifactError
+
+    fp = config_fingerprint(cfg)
+    root = resolve_storage_root(cfg) / "ray_train"
+    runs = sorted((d for d in root.glob(f"{cfg.name}-*") if _RUN_DIR.fullmatch(d.name[len(cfg.name):])),
+                  key=lambda d: d.name[len(cfg.name):], reverse=True)
+    unfinished: list[Path] = []
+    for run in runs:
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            if config_fingerprint(summary["config"]) == fp:
+                if summary.get("checkpoint"):
+                    check_checkpoint(summary["checkpoint"], "")
+                return "finished", summary
+            continue
+        except (OSError, ValueError, KeyError, TypeError, ArtifactError):
+            pass
+        try:
+            if json.loads((run / RUN_RECORD).read_text())["fingerprint"] == fp:
+                unfinished.append(run)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for run in unfinished:
+        for ckpt in sorted((p.parent for p in run.glob("checkpoint_*/state.json")), key=lambda p: p.name, reverse=True):
+            try:
+                check_checkpoint(ckpt, "")
+                return "continue", ckpt
+            except ArtifactError:  # cut short by the failure that ended the run
+                continue
+    return None
+
+
+def fit_or_resume(cfg: ExperimentConfig, *, progress: Callable[[str], None] = print, **kw) -> dict:
+    """:func:`fit`, unless earlier work on exactly this run exists (:func:`find_resumable`): a finished run's
+    summary is returned as it is, an interrupted one continues from its newest checkpoint (the epochs it trained
+    are not trained again, and the rows replay in the same order)."""
+    found = find_resumable(cfg)
+    if found is not None and found[0] == "finished":
+        progress(f"[fit] {cfg.name}: finished before with this config, kept ({found[1]['run_dir']})")
+        return found[1]
+    if found is not None:
+        progress(f"[fit] {cfg.name}: continuing the interrupted run from {found[1]}")
+        return fit(cfg, resume_from=str(found[1]), progress=progress, **kw)
+    return fit(cfg, progress=progress, **kw)
+
+
 def _parquet_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).glob("*.parquet")) / 2**20
 
@@ -323,6 +398,7 @@ def fit(
         datasets=datasets,
         **({"dataset_config": data_config} if data_config is not None else {}),
     )
+    write_run_record(cfg, storage / run_name)  # what find_resumable matches an interrupted run by
     progress(f"[fit] {run_name}: {rc.num_workers} worker(s), data {prepared}")
     result = trainer.fit()
     if result.error is not None:

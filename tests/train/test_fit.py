@@ -52,6 +52,40 @@ def test_local_mode_early_stopping_and_resume(ray_session, prepared, tmp_path):
     assert resumed["history"][:2] == first["history"]
 
 
+def test_fit_or_resume_keeps_finished_runs_and_continues_interrupted_ones(ray_session, prepared, tmp_path):
+    import shutil
+
+    from rayrec.train.fit import find_resumable, fit_or_resume
+
+    cfg = _cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=1")
+    assert find_resumable(cfg) is None
+    first = fit_or_resume(cfg, prepared=prepared)
+    assert (Path(first["run_dir"]) / "run.json").exists()
+    # the same config again: the finished run is kept, nothing trains
+    assert fit_or_resume(cfg, prepared=prepared)["run_dir"] == first["run_dir"]
+    # where and as how many workers it runs is not what it trains: still the same run
+    assert find_resumable(_cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=2"))[1]["run_dir"] == first["run_dir"]
+    # another config under the same name is not that run
+    cfg3 = _cfg(tmp_path, "train.max_epochs=3", "ray.num_workers=1", "train.num_to_keep=3")
+    assert find_resumable(cfg3) is None
+    full = fit(cfg3, prepared=prepared)
+    # interrupt it after the fact: no summary, its newest checkpoint cut short (the manifest not yet written)
+    run = Path(full["run_dir"])
+    (run / "summary.json").unlink()
+    ckpts = sorted(p.parent for p in run.glob("checkpoint_*/state.json"))
+    assert len(ckpts) >= 2
+    for m in ckpts[-1].glob("manifest.rank*.json"):
+        m.unlink()
+    shutil.rmtree(ckpts[0]) if len(ckpts) > 2 else None
+    kind, ckpt = find_resumable(cfg3)
+    assert kind == "continue" and ckpt == ckpts[-2]
+    epoch = json.loads((ckpt / "state.json").read_text())["epoch"]
+    resumed = fit_or_resume(cfg3, prepared=prepared)
+    assert resumed["run_dir"] != full["run_dir"] and resumed["resumed_at"] == [epoch]
+    assert resumed["epochs_run"] == 3 and resumed["history"] == full["history"][:epoch] + resumed["history"][epoch:]
+    assert [h["train/loss"] for h in resumed["history"]] == [h["train/loss"] for h in full["history"]]
+
+
 def test_config_errors_before_ray(tmp_path):
     from jobs.distill import main as distill
 
