@@ -40,6 +40,36 @@ def test_relaxed_ranking_is_finite_for_huge_scores_and_prefers_the_teacher_order
     assert good.item() < bad.item()
 
 
+def _nll_reference(a, b):  # the likelihood written with logcumsumexp, in float64
+    suffix = torch.logcumsumexp(a.flip(1), dim=1).flip(1)
+    if b is not None:
+        suffix = torch.logaddexp(suffix, torch.logsumexp(b, dim=1, keepdim=True))
+    return -(a - suffix).sum(dim=1)
+
+
+@pytest.mark.parametrize("with_b", [True, False])
+def test_relaxed_ranking_matches_the_logcumsumexp_form_values_and_gradients(with_b):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 7, generator=g) * 4
+    b = torch.randn(64, 5, generator=g) * 4
+    a[3], b[3] = torch.tensor([1e4, -1e4, 5e3, 0, 1, 2, 3]), torch.tensor([1e4, -1e4, 0, 0, 0])  # underflowing rows
+    a[5, 6] = -200.0  # one term far below the rest: its suffix sum underflows
+    a[9] = 30.0  # ties
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    want = _nll_reference(a64, b64 if with_b else None)
+    want.sum().backward()
+    a32, b32 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    got = relaxed_ranking_nll(a32, b32 if with_b else None)
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(a32.grad).all()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-3)
+    # float32 resolves scores of 5e3 to ~5e-4: the ±1e4 row is compared at that resolution, the others tightly
+    rows = torch.arange(64) != 3
+    for g32, g64 in [(a32.grad, a64.grad), *([(b32.grad, b64.grad)] if with_b else [])]:
+        torch.testing.assert_close(g32[rows].double(), g64[rows], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g32[3].double(), g64[3], rtol=0, atol=1e-3)
+
+
 def test_rd_and_cd_losses_by_hand():
     s, w = torch.tensor([[0.3, -1.2]]), torch.tensor([[0.7, 0.3]])
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
