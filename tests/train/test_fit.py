@@ -22,6 +22,29 @@ def _cfg(tmp, *overrides):
     return ml100k_config(tmp, "name=t", "eval.full_ks=[10]", *overrides)
 
 
+def _check_fit_or_resume(cfg, first, prepared, tmp_path):
+    """fit_or_resume on the finished 1-worker run ``first`` of ``cfg`` (2 epochs; its 2 per-epoch checkpoints and the final one kept)."""
+    from rayrec.train.fit import find_resumable, fit_or_resume
+
+    run = Path(first["run_dir"])
+    assert (run / "run.json").exists()
+    # the same config again: the finished run is kept, nothing trains; workers and storage are not what is trained
+    assert fit_or_resume(cfg, prepared=prepared)["run_dir"] == first["run_dir"]
+    two = _cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=2", "train.num_to_keep=3")
+    assert find_resumable(two)[0] == "finished"
+    assert find_resumable(_cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=1", "train.lr=0.5")) is None
+    # interrupt it after the fact: no summary, its newest checkpoint cut short (its manifest not yet written)
+    (run / "summary.json").unlink()
+    ckpts = sorted(p.parent for p in run.glob("checkpoint_*/state.json"))
+    assert len(ckpts) == 2
+    for m in ckpts[-1].glob("manifest.rank*.json"):
+        m.unlink()
+    assert find_resumable(cfg) == ("continue", ckpts[0])
+    resumed = fit_or_resume(cfg, prepared=prepared)  # continues at epoch 1: trains epoch 1 again, as the run did
+    assert resumed["run_dir"] != first["run_dir"] and resumed["resumed_at"] == [1] and resumed["epochs_run"] == 2
+    assert [h["train/loss"] for h in resumed["history"]] == [h["train/loss"] for h in first["history"]]
+
+
 def test_local_mode_early_stopping_and_resume(ray_session, prepared, tmp_path):
     # lr so small that nothing improves after the first epoch: stops after 1 + patience epochs
     cfg = _cfg(tmp_path, "train.lr=1e-12", "train.weight_decay=0", "train.patience=2", "train.max_epochs=50",
@@ -32,7 +55,7 @@ def test_local_mode_early_stopping_and_resume(ray_session, prepared, tmp_path):
     assert (Path(s["run_dir"]) / "summary.json").exists()
 
     # resume needs persisted checkpoints, which local mode does not write: one real worker
-    cfg2 = _cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=1")
+    cfg2 = _cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=1", "train.num_to_keep=3")
     first = fit(cfg2, prepared=prepared)
     ckpts = sorted(p for p in Path(first["run_dir"]).glob("checkpoint_*") if (p / "state.json").exists())
     assert ckpts, "per-epoch checkpoints with training state"
@@ -50,40 +73,7 @@ def test_local_mode_early_stopping_and_resume(ray_session, prepared, tmp_path):
     assert resumed["epochs_run"] == 3 and resumed["resumed_at"] == [2]
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]  # history carried over, one new epoch
     assert resumed["history"][:2] == first["history"]
-
-
-def test_fit_or_resume_keeps_finished_runs_and_continues_interrupted_ones(ray_session, prepared, tmp_path):
-    import shutil
-
-    from rayrec.train.fit import find_resumable, fit_or_resume
-
-    cfg = _cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=1")
-    assert find_resumable(cfg) is None
-    first = fit_or_resume(cfg, prepared=prepared)
-    assert (Path(first["run_dir"]) / "run.json").exists()
-    # the same config again: the finished run is kept, nothing trains
-    assert fit_or_resume(cfg, prepared=prepared)["run_dir"] == first["run_dir"]
-    # where and as how many workers it runs is not what it trains: still the same run
-    assert find_resumable(_cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=2"))[1]["run_dir"] == first["run_dir"]
-    # another config under the same name is not that run
-    cfg3 = _cfg(tmp_path, "train.max_epochs=3", "ray.num_workers=1", "train.num_to_keep=3")
-    assert find_resumable(cfg3) is None
-    full = fit(cfg3, prepared=prepared)
-    # interrupt it after the fact: no summary, its newest checkpoint cut short (the manifest not yet written)
-    run = Path(full["run_dir"])
-    (run / "summary.json").unlink()
-    ckpts = sorted(p.parent for p in run.glob("checkpoint_*/state.json"))
-    assert len(ckpts) >= 2
-    for m in ckpts[-1].glob("manifest.rank*.json"):
-        m.unlink()
-    shutil.rmtree(ckpts[0]) if len(ckpts) > 2 else None
-    kind, ckpt = find_resumable(cfg3)
-    assert kind == "continue" and ckpt == ckpts[-2]
-    epoch = json.loads((ckpt / "state.json").read_text())["epoch"]
-    resumed = fit_or_resume(cfg3, prepared=prepared)
-    assert resumed["run_dir"] != full["run_dir"] and resumed["resumed_at"] == [epoch]
-    assert resumed["epochs_run"] == 3 and resumed["history"] == full["history"][:epoch] + resumed["history"][epoch:]
-    assert [h["train/loss"] for h in resumed["history"]] == [h["train/loss"] for h in full["history"]]
+    _check_fit_or_resume(cfg2, first, prepared, tmp_path)
 
 
 def test_config_errors_before_ray(tmp_path):
