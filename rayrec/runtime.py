@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from rayrec.config import RayConfig
 from rayrec.errors import ConfigError
@@ -48,6 +50,34 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
                           f"with `ray start --head` or fix ray.address / RAY_ADDRESS") from None
 
 
+@contextmanager
+def _own_address() -> Iterator[None]:
+    """While a local Ray starts: ``RAY_GCS_SERVER_PORT`` = a free port and ``RAY_ADDRESS`` = this node's address
+    with it, so the new instance's processes (raylet, every worker and actor) inherit their own cluster's address.
+    Without it, code inside the cluster that looks the cluster up (Ray Train's ``PlacementGroupCleaner`` uses the
+    State API) fails with "Found multiple active Ray instances" when another Ray runs on the machine, and the
+    placement group of a run that was killed (a Tune trial stopped by ASHA) is never removed: its CPUs stay
+    reserved and the next trial's workers never start. The driver's environment is restored afterwards."""
+    import socket
+
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as sock:  # a port free now (the GCS binds it moments later)
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    old = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def init_ray(rc: RayConfig) -> dict:
     """Connect to ``rc.address`` / ``$RAY_ADDRESS`` if given, else start a local Ray. Returns cluster resources."""
     import ray
@@ -73,13 +103,15 @@ def init_ray(rc: RayConfig) -> dict:
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
             global _STARTED_LOCALLY
             _STARTED_LOCALLY = True
-            ray.init(
-                num_cpus=ncpu,
-                object_store_memory=rc.object_store_mb * 1024 * 1024,
-                include_dashboard=True,  # the State API (used by Ray Train's clean-up) lives in the dashboard
-                dashboard_host="127.0.0.1",
-                **quiet,
-            )
+            with _own_address():
+                ray.init(
+                    address="local",  # a new instance even though RAY_ADDRESS names it (see _own_address)
+                    num_cpus=ncpu,
+                    object_store_memory=rc.object_store_mb * 1024 * 1024,
+                    include_dashboard=True,  # the State API (used by Ray Train's clean-up) lives in the dashboard
+                    dashboard_host="127.0.0.1",
+                    **quiet,
+                )
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
