@@ -97,6 +97,12 @@ def test_mkd_citeulike_smoke(ray_session, tmp_path):
     # projectors are training-only: the MKD student has the student-alone parameter count
     assert rows["bpr_mkd"]["extra"]["num_parameters"] == rows["bpr_none"]["extra"]["num_parameters"]
     assert {"full/Recall@10", "full/NDCG@20"} <= set(rows["bpr_mkd"]["metrics"])
+    # the same command with --resume: every run finished with the same config, so nothing trains again
+    runs = sorted(p.name for p in (tmp_path / "ray_train").iterdir())
+    again = _check_format(main([f"storage_root={tmp_path}", "--smoke", "--models", "bpr", "--methods", "none", "mkd",
+                                "--seeds", "0", "--resume", "--teacher-overrides", "ray.num_workers=1"]))
+    assert sorted(p.name for p in (tmp_path / "ray_train").iterdir()) == runs
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in doc["rows"]]
 
 
 def test_latency_smoke():
