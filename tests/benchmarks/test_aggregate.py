@@ -72,7 +72,7 @@ def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypa
     ckpt = tmp_path / "teacher"
     ckpt.mkdir()
     (ckpt / "summary.json").write_text(json.dumps(summary(0, 0.5)))
-    monkeypatch.setattr(rank, "rank_teacher", lambda cfg, ckpt: str(tmp_path / "ranking"))
+    monkeypatch.setattr(rank, "rank_teacher", lambda cfg, ckpt, **kw: str(tmp_path / "ranking"))
 
     def fake_fit(cfg):
         if cfg.train.seed == 1:
