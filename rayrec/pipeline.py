@@ -97,13 +97,6 @@ def stage_config(pc: PipelineConfig, *specs: StageSpec, extra: list[str] | None 
     return load_config(files, over)
 
 
-def _fingerprint(cfg: ExperimentConfig) -> str:
-    """What a stage trains (:func:`rayrec.train.fit.config_fingerprint`)."""
-    from rayrec.train.fit import config_fingerprint
-
-    return config_fingerprint(cfg)
-
-
 class _Stages:
     """The stage record ``<storage_root>/pipelines/<name>.stages.json``, rewritten atomically on every change."""
 
@@ -126,9 +119,9 @@ class _Stages:
     def fit(self, key: str, cfg: ExperimentConfig, prepared: Path, progress: Callable[[str], None]) -> dict:
         """Run (or keep, or continue) the training stage ``key``; return its summary."""
         from rayrec.artifacts import check_checkpoint
-        from rayrec.train.fit import fit, latest_checkpoint
+        from rayrec.train.fit import config_fingerprint, fit, latest_checkpoint
 
-        fp, rec = _fingerprint(cfg), self.done.get(key)
+        fp, rec = config_fingerprint(cfg), self.done.get(key)
         if not self.rerun and rec is not None:
             if rec["fingerprint"] != fp:
                 raise ConfigError(f"--resume: the {key} stage's config changed since the interrupted run; rerun "
