@@ -26,6 +26,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, aggregate_parts, command_line, commit, write_result  # noqa: E402
@@ -53,14 +55,19 @@ PAPER = {
 PAPER_KEYS = ["test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20"]
 DIMS = {"bpr": (200, 20), "neumf": (252, 25)}
 TEACHER = {"bpr": "teacher/sharded_row_wise.yaml", "neumf": "teacher/replicated_adam.yaml"}
-# NeuMF's weights for CiteULike-t (the paper gives NeuMF weights only for Foursquare: λ_DE = 1e-4, λ_RRD = 1e-1,
-# Table 5; at λ_RRD = 0.1 RRD put the student below the student alone here, test H@5 0.3459 vs 0.3955):
-# λ_RRD and T from the validation search configs/tune/neumf_rrd.yaml (benchmarks/results/tune_neumf_rrd/, best
-# 0.008145 / 6.126, rounded); λ_DE = 0.01, the paper's CiteULike BPR value: at 1e-4 the DE term is 0.2-0.3% of the
-# NeuMF base loss per row (BPR at 0.01: 13-40%), and Table 5 moves NeuMF H@5 by at most 0.01 across λ_DE. The same
-# values are in configs/experiments/citeulike__neumf_d252_to_d25__de_rrd.yaml.
-MODEL_OVERRIDES = {"bpr": [], "neumf": ["distill.de.lambda_de=0.01", "distill.rrd.lambda_rrd=0.0081",
-                                        "distill.rrd.T=6.1"]}
+# NeuMF's weights for CiteULike-t are read from its experiment config (which says where they come from: λ_RRD and T
+# from the validation search configs/tune/neumf_rrd.yaml, λ_DE = 0.01 since at the paper's Foursquare 1e-4 the DE
+# term is 0.2-0.3% of the NeuMF base loss per row, against 13-40% for BPR at 0.01). BPR uses distill/de_rrd as is.
+WEIGHTS_FROM = {"neumf": "experiments/citeulike__neumf_d252_to_d25__de_rrd.yaml"}
+
+
+def model_overrides(model: str) -> list[str]:
+    """λ_DE, λ_RRD and T of ``model``'s experiment config as dotted overrides (none for BPR)."""
+    if model not in WEIGHTS_FROM:
+        return []
+    d = yaml.safe_load((CONFIG_DIR / WEIGHTS_FROM[model]).read_text())["distill"]
+    return [f"distill.de.lambda_de={d['de']['lambda_de']}", f"distill.rrd.lambda_rrd={d['rrd']['lambda_rrd']}",
+            f"distill.rrd.T={d['rrd']['T']}"]
 
 
 def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int, int], world: int) -> dict:
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> Path:
                 cfg = load_config([CONFIG_DIR / f"{data}.yaml", CONFIG_DIR / "distill/de_rrd.yaml"],
                                   [f"name=derrd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
                                    f"distill.method={method}", f"train.seed={seed}", *teacher_ref,
-                                   *MODEL_OVERRIDES[model], *common, *args.overrides])
+                                   *model_overrides(model), *common, *args.overrides])
                 runs.append(train(cfg))
                 # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
                 row = _row(f"{model}_{method}", model, method, runs, (t_dim, s_dim), runs[0]["world_size"])

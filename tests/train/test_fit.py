@@ -23,7 +23,8 @@ def _cfg(tmp, *overrides):
 
 
 def _check_fit_or_resume(cfg, first, prepared, tmp_path):
-    """fit_or_resume on the finished 1-worker run ``first`` of ``cfg`` (2 epochs; its 2 per-epoch checkpoints and the final one kept)."""
+    """fit_or_resume on the finished 1-worker run ``first`` of ``cfg`` (2 epochs; its 2 per-epoch checkpoints and
+    the final one kept)."""
     from rayrec.train.fit import find_resumable, fit_or_resume
 
     run = Path(first["run_dir"])
