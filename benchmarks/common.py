@@ -127,7 +127,9 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
             per_seed = r["extra"].get("per_seed") or [r["metrics"]]
             for i, (seed, ms) in enumerate(zip(r["seeds"], per_seed)):
                 best = r["extra"].get("best_epochs", [None] * len(r["seeds"]))[i]
-                m["seeds"][seed] = {"metrics": ms, "timing": r["timing"], "best_epoch": best, "part": d["_file"]}
+                prec = (r["extra"].get("precision") or [None] * len(r["seeds"]))[i]  # a part may predate the key
+                m["seeds"][seed] = {"metrics": ms, "timing": r["timing"], "best_epoch": best, "part": d["_file"],
+                                    "precision": prec}
             m["row"] = r  # newest row's descriptive fields
     rows = []
     for label, m in merged.items():
@@ -145,7 +147,10 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
                          for t in names}
         row["extra"] = {**m["row"]["extra"], "per_seed": [run["metrics"] for run in runs],
                         "best_epochs": [run["best_epoch"] for run in runs],
-                        "parts_of_seeds": [run["part"] for run in runs], "complete": len(seeds) >= (1 if label.endswith("_teacher") else min_seeds)}
+                        "parts_of_seeds": [run["part"] for run in runs],
+                        **({"precision": [run["precision"] for run in runs]}
+                           if any(run["precision"] for run in runs) else {}),
+                        "complete": len(seeds) >= (1 if label.endswith("_teacher") else min_seeds)}
         row["extra"].pop("epochs_run", None)
         rows.append(row)
     rank = {label: i for i, label in enumerate(expected)}

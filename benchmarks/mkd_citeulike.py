@@ -35,6 +35,8 @@ METHODS = ["none", "nkd", "cpd", "sld", "mkd", "de_rrd", "htd", "unkd"]
 METHOD_FILES = {"none": [], "nkd": ["distill/nkd.yaml"], "cpd": ["distill/cpd.yaml"], "sld": ["distill/sld.yaml"],
                 "mkd": ["distill/mkd.yaml"], "de_rrd": ["distill/de_rrd.yaml"], "htd": ["distill/htd.yaml"],
                 "unkd": ["distill/unkd.yaml"]}
+# the config sections whose projector/expert matmuls --precision sets, per method (the others have none)
+PROJECTORS = {"nkd": ["nkd"], "cpd": ["cpd"], "mkd": ["nkd", "cpd"], "de_rrd": ["de"], "htd": ["htd"]}
 DIMS = {"bpr": (200, 20), "lightgcn": (200, 20)}
 # The LightGCN teacher: the spec's init (std 0.1) and no table L2. Propagation looks up every row of the sharded
 # tables in every step, so the fused optimizer's weight decay (0.01 in teacher/sharded_row_wise, chosen for BPR,
@@ -58,12 +60,29 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
                    "epoch_median_s": round(statistics.median(h["time/train_s"] for r in runs for h in r["history"]), 3),
                    "eval_s": round(statistics.fmean(r["timing"]["epoch_eval_s"] for r in runs), 3)},
         "extra": {"num_parameters": runs[0]["num_parameters"], "best_epochs": [r["best_epoch"] for r in runs],
+                  # the projectors' matmuls of each seed (fp32 | bf16), for the methods that have projectors
+                  "precision": [sorted({r["config"]["distill"][k].get("precision", "fp32")
+                                        for k in PROJECTORS[method]}) for r in runs] if method in PROJECTORS else None,
                   "epochs_run": [r["epochs_run"] for r in runs], "per_seed": ms},
     }
 
 
+def _precision(row: dict) -> str:
+    """The projectors' precision of a row's seeds: ``fp32``, ``bf16``, ``bf16 (seeds 1, 2), fp32 (seed 0)``."""
+    per_seed = row["extra"].get("precision")
+    if not per_seed:
+        return ""
+    by: dict[str, list[int]] = {}
+    for seed, p in zip(row["seeds"], per_seed):
+        by.setdefault("+".join(p or ["fp32"]), []).append(seed)
+    if len(by) == 1:
+        return next(iter(by))
+    return ", ".join(f"{p} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for p, v in by.items())
+
+
 def _markdown(rows: list[dict]) -> str:
-    head = ["row", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "vs teacher NDCG@20", "epoch s", "median", "seeds"]
+    head = ["row", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "vs teacher NDCG@20", "epoch s", "median", "seeds",
+            "projectors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     teacher = {r["model"]: r["metrics"].get("full/NDCG@20") for r in rows if r["method"] == "teacher"}
     for r in rows:
@@ -73,7 +92,7 @@ def _markdown(rows: list[dict]) -> str:
         ratio = f"{m['full/NDCG@20'] / t:.3f}" if t and "full/NDCG@20" in m else ""
         lines.append("| " + " | ".join([r["label"], *cell, ratio, f"{r['timing']['epoch_s']:.2f}",
                                         f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
-                                        str(len(r["seeds"]))]) + " |")
+                                        str(len(r["seeds"])), _precision(r)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +113,9 @@ def main(argv: list[str] | None = None) -> Path:
                     "continue an interrupted one from its newest checkpoint, run the rest")
     ap.add_argument("--aggregate", action="store_true",
                     help="run nothing: merge every part file results/<name>_*.json into results/<name>.json")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="the projectors' and experts' matmuls of the methods that have them (nkd, cpd, mkd, de_rrd, "
+                    "htd); bf16 autocast is ~2.4x faster on AVX512-BF16 CPUs. The other methods are unchanged")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
     args = ap.parse_args(argv)
     if args.aggregate:
@@ -155,7 +177,9 @@ def main(argv: list[str] | None = None) -> Path:
                 files = [protocol, *(CONFIG_DIR / f for f in METHOD_FILES[method])]
                 over = [f"name=mkd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
                         f"train.seed={seed}", *(["model.init_std=0.1"] if model == "lightgcn" else []),
-                        *(teacher_ref if method != "none" else []), *common, *args.overrides]
+                        *(teacher_ref if method != "none" else []), *common,
+                        *(f"distill.{k}.precision={args.precision}" for k in PROJECTORS.get(method, [])
+                          if args.precision != "fp32"), *args.overrides]
                 runs.append(train(load_config(files, over)))
                 # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
                 rows[len(rows) - (len(runs) > 1):] = [_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim))]

@@ -44,7 +44,8 @@ top-``mxK`` recomputed every epoch (PCKD's pseudo-code).
 
 Monitored: ``kd/cpd_incon`` — the fraction of uniformly random item pairs of the batch users whose order differs
 before and after the projectors (``log_incon`` of the code), and ``kd/cpd_incon_top`` — the same over adjacent
-pairs of :math:`Q_u` (high-preference items); rank 0's batches of the epoch. Projectors are training-only.
+pairs of :math:`Q_u` (high-preference items); rank 0's batches of the epoch. Projectors are training-only;
+``precision: bf16`` runs their matmuls under bfloat16 autocast (as DE's).
 Representations: the model's ``emb`` (BPR's embeddings, LightGCN's propagated ones).
 """
 
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, TeacherRequest, reduce_terms
-from rayrec.distill.de import DEConfig, Experts, tau_at
+from rayrec.distill.de import DEConfig, Experts, check_precision, tau_at
 from rayrec.distill.lists import rank_discounted
 from rayrec.distill.losses import gumbel_softmax
 from rayrec.distill.nkd import MeanProjector
@@ -88,6 +89,7 @@ class CPDConfig:
     de_tau_start: float = 1.0  # pckd: Gumbel temperature, epoch 0
     de_tau_end: float = 1e-10  # pckd: Gumbel temperature at de_anneal_epochs
     de_anneal_epochs: int = 1000
+    precision: Literal["fp32", "bf16"] = "fp32"  # the projectors' matmuls (bf16: autocast, ~2.4x faster on AVX512-BF16)
 
     def __post_init__(self) -> None:
         if self.lambda_c < 0 or self.alpha < 0 or self.beta < 0 or self.item_weight < 0:
@@ -98,6 +100,7 @@ class CPDConfig:
             raise ConfigError("distill.cpd needs experts >= 1 and hidden >= 0")
         if self.form == "v1" and self.regularizer == "hybrid":
             raise ConfigError("distill.cpd.regularizer=hybrid belongs to form=pckd")
+        check_precision(self.precision, "distill.cpd.precision")
         DEConfig(M=self.experts, tau_start=self.de_tau_start, tau_end=self.de_tau_end,
                  anneal_epochs=self.de_anneal_epochs)  # validates the schedule
 
@@ -118,10 +121,11 @@ class Projector(nn.Module):
     """``D_s -> D_t``: v1 = mean of MLPs, L2-normalised (ignores ``h_t``); pckd = DE experts selected by a
     Gumbel-softmax over a selection network on the teacher representation ``h_t``."""
 
-    def __init__(self, form: str, experts: int, d_s: int, d_t: int, hidden: int) -> None:
+    def __init__(self, form: str, experts: int, d_s: int, d_t: int, hidden: int, bf16: bool = False) -> None:
         super().__init__()
         self.form = form
-        self.net = MeanProjector(experts, d_s, d_t, hidden) if form == "v1" else Experts(experts, d_s, d_t, hidden)
+        self.net = (MeanProjector(experts, d_s, d_t, hidden, bf16=bf16) if form == "v1"
+                    else Experts(experts, d_s, d_t, hidden, bf16=bf16))
 
     def forward(self, h_s: Tensor, h_t: Tensor | None, tau: float, generator: torch.Generator | None) -> Tensor:
         """``[n, D_s]`` (and ``[n, D_t]``) -> ``[n, D_t]``."""
@@ -162,7 +166,7 @@ class CPD(DistillMethod):
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
-        args = (cfg.form, cfg.experts, student_dim, teacher_dim, cfg.hidden)
+        args = (cfg.form, cfg.experts, student_dim, teacher_dim, cfg.hidden, cfg.precision == "bf16")
         self.user_proj, self.item_proj = Projector(*args), Projector(*args)
         self.guide_lists: Tensor | None = None  # [U, N] the guide's ranking
         if cfg.needs_lists and cfg.guide == "teacher":

@@ -82,8 +82,13 @@ class DEConfig:
             raise ConfigError(f"distill.de needs 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
         if self.anneal_epochs < 1 or self.hidden < 0:
             raise ConfigError("distill.de.anneal_epochs must be >= 1 and hidden >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"distill.de.precision must be fp32 or bf16, got {self.precision!r}")
+        check_precision(self.precision, "distill.de.precision")
+
+
+def check_precision(value: str, key: str) -> None:
+    """``precision`` of the expert/projector matmuls: ``fp32`` (the papers') or ``bf16`` (autocast)."""
+    if value not in ("fp32", "bf16"):
+        raise ConfigError(f"{key} must be fp32 or bf16, got {value!r}")
 
 
 def tau_at(cfg: DEConfig, epoch: int) -> float:
@@ -98,10 +103,12 @@ def tau_at(cfg: DEConfig, epoch: int) -> float:
 
 class ExpertMLPs(nn.Module):
     """``M`` two-layer MLPs ``D_s -> H -> D_t`` (ReLU) evaluated together as batched matmuls; ``dropout`` before
-    each layer (0: none)."""
+    each layer (0: none). ``bf16``: their matmuls under bfloat16 autocast (parameters, inputs and the float32
+    output unchanged; the callers' config key ``precision: bf16``)."""
 
-    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0, dropout: float = 0.0) -> None:
+    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0, dropout: float = 0.0, bf16: bool = False) -> None:
         super().__init__()
+        self.bf16 = bf16
         h = hidden or ((d_s + d_t) // 2 if d_s != d_t else max(d_s // 2, 1))
         self.M, self.d_t = M, d_t
         self.w1 = nn.Parameter(torch.empty(M, d_s, h))
@@ -128,7 +135,11 @@ class ExpertMLPs(nn.Module):
         Gumbel-softmax late in DE's annealing, when the selection is one-hot to machine precision): only the
         (entity, expert) pairs with ``s_m >= skip_below`` are computed, grouped by expert (one small GEMM pair per
         used expert), up to ``M`` times fewer FLOPs. Dropped terms weigh less than ``skip_below`` each (as do
-        their gradients to the selection network, which are proportional to ``s_m``)."""
+        their gradients to the selection network, which are proportional to ``s_m``). Returns float32."""
+        with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._mixture(h_s, s, skip_below).float()
+
+    def _mixture(self, h_s: Tensor, s: Tensor, skip_below: float) -> Tensor:
         M, d_s, H = self.w1.shape
         if skip_below > 0:
             keep = s.detach() >= skip_below  # [B, M]
@@ -159,21 +170,19 @@ class ExpertMLPs(nn.Module):
 class Experts(ExpertMLPs):
     """DE's ``M`` experts plus the selection network ``D_t -> M``."""
 
-    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0) -> None:
-        super().__init__(M, d_s, d_t, hidden)
+    def __init__(self, M: int, d_s: int, d_t: int, hidden: int = 0, bf16: bool = False) -> None:
+        super().__init__(M, d_s, d_t, hidden, bf16=bf16)
         self.select = nn.Linear(d_t, M)
 
     def forward(self, h_s: Tensor, h_t: Tensor, tau: float, generator: torch.Generator | None = None,
-                skip_below: float = 0.0, bf16: bool = False) -> Tensor:
-        """Per-entity DE loss ``||h_t - Σ_m s_m E_m(h_s)||²`` -> ``[B]``. ``bf16``: the experts' matmuls under
-        bfloat16 autocast (the selection, the mixture weights and the loss stay float32)."""
+                skip_below: float = 0.0) -> Tensor:
+        """Per-entity DE loss ``||h_t - Σ_m s_m E_m(h_s)||²`` -> ``[B]`` (with ``bf16`` only the experts' matmuls
+        run in bfloat16: the selection, the mixture weights and the loss stay float32)."""
         if h_s.shape[0] == 0:
             return h_s.new_zeros(0)
         alpha = torch.softmax(self.select(h_t), dim=-1)  # [B, M]
         s = gumbel_softmax(alpha, tau, generator) if self.M > 1 else torch.ones_like(alpha)
-        with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=bf16):
-            mapped = self.mixture(h_s, s, skip_below)  # [B, D_t] = Σ_m s_m E_m(h_s)
-        mapped = mapped.float()
+        mapped = self.mixture(h_s, s, skip_below)  # [B, D_t] = Σ_m s_m E_m(h_s)
         return ((h_t - mapped) ** 2).sum(dim=1)
 
 
@@ -190,8 +199,9 @@ class DE(DistillMethod):
         self.parts = parts
         self.concat = parts == ["concat"]
         width = len(("gmf", "mlp")) if self.concat else 1
-        self.users = nn.ModuleDict({p: Experts(cfg.M, width * student_dim, width * teacher_dim, cfg.hidden) for p in parts})
-        self.items = nn.ModuleDict({p: Experts(cfg.M, width * student_dim, width * teacher_dim, cfg.hidden) for p in parts})
+        args = (cfg.M, width * student_dim, width * teacher_dim, cfg.hidden, cfg.precision == "bf16")
+        self.users = nn.ModuleDict({p: Experts(*args) for p in parts})
+        self.items = nn.ModuleDict({p: Experts(*args) for p in parts})
         self.tau = tau_at(cfg, 0)
         self.generator: torch.Generator | None = None
 
@@ -219,9 +229,9 @@ class DE(DistillMethod):
         t_item = {k: v.detach() for k, v in self._reprs(teacher.item).items()}
         total = 0.0
         for p in self.parts:
-            skip, bf16 = self.cfg.skip_below, self.cfg.precision == "bf16"
-            lu = self.users[p](s_user[p], t_user[p].to(s_user[p].dtype), self.tau, self.generator, skip, bf16)  # [U_b]
-            li = self.items[p](s_item[p], t_item[p].to(s_item[p].dtype), self.tau, self.generator, skip, bf16)  # [I_b]
+            skip = self.cfg.skip_below
+            lu = self.users[p](s_user[p], t_user[p].to(s_user[p].dtype), self.tau, self.generator, skip)  # [U_b]
+            li = self.items[p](s_item[p], t_item[p].to(s_item[p].dtype), self.tau, self.generator, skip)  # [I_b]
             total = total + reduce_terms(lu, reduction) + self.cfg.item_weight * (
                 reduce_terms(li[:n_pos], reduction) + reduce_terms(li[n_pos:], reduction))
         return {"kd/de": self.cfg.lambda_de * total}

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, TeacherRequest, reduce_terms
-from rayrec.distill.de import Experts, tau_at
+from rayrec.distill.de import Experts, check_precision, tau_at
 from rayrec.errors import ConfigError
 
 
@@ -90,6 +90,7 @@ class HTDConfig:
     schedule: Literal["exponential", "linear", "constant"] = "exponential"
     hidden: int = 0  # expert hidden width; 0 = (D_s + D_t) // 2
     neumf_parts: Literal["separate", "concat"] = "separate"
+    precision: Literal["fp32", "bf16"] = "fp32"  # the experts' matmuls (bf16: autocast, as DE's)
 
     def __post_init__(self) -> None:
         if self.mode not in ("htd", "ftd"):
@@ -101,6 +102,7 @@ class HTDConfig:
                               f"{self.alpha}")
         if self.M < 1 or self.hidden < 0 or self.anneal_epochs < 1:
             raise ConfigError("distill.htd needs M >= 1, hidden >= 0, anneal_epochs >= 1")
+        check_precision(self.precision, "distill.htd.precision")
         if not (0 < self.tau_end <= self.tau_start):
             raise ConfigError(f"distill.htd needs 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
 
@@ -160,8 +162,9 @@ class HTD(DistillMethod):
         self.concat = parts == ["concat"]
         w = 2 if self.concat else 1
         if cfg.mode == "htd":  # FTD has no parameters
-            self.users = nn.ModuleDict({p: Experts(cfg.M, w * student_dim, w * teacher_dim, cfg.hidden) for p in parts})
-            self.items = nn.ModuleDict({p: Experts(cfg.M, w * student_dim, w * teacher_dim, cfg.hidden) for p in parts})
+            args = (cfg.M, w * student_dim, w * teacher_dim, cfg.hidden, cfg.precision == "bf16")
+            self.users = nn.ModuleDict({p: Experts(*args) for p in parts})
+            self.items = nn.ModuleDict({p: Experts(*args) for p in parts})
             if cfg.alpha == 1:  # no L_GA: the selection networks only assign (random, fixed) groups; nothing trains
                 self.requires_grad_(False)  # (and DDP sees no unused trainable parameters)
         self.tau = tau_at(cfg, 0)  # tau_at reads only the schedule fields, shared with DEConfig

@@ -29,7 +29,7 @@ Other mixing strategies of the code: ``hard`` (per dimension keep the own value 
 (λ = α), ``hardmix`` (the whole vector replaced by the neighbour's with probability 1 − α).
 Which representation is mixed: ``representation: propagated`` (default; the code's ``get_user_embedding``, which for
 LightGCN returns the propagated representations) or ``input`` (the ID embeddings, the paper's "input layer").
-Projectors are training-only.
+Projectors are training-only. ``precision: bf16`` runs their matmuls under bfloat16 autocast (as DE's).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, TeacherRequest, reduce_terms
-from rayrec.distill.de import ExpertMLPs
+from rayrec.distill.de import ExpertMLPs, check_precision
 from rayrec.errors import ConfigError
 
 
@@ -60,12 +60,14 @@ class NKDConfig:
     dropout: float = 0.0  # projector dropout (HEAD code: 0.1)
     item_weight: float = 0.5  # weight of the item terms (code: 0.5 · (pos + neg))
     representation: Literal["propagated", "input"] = "propagated"
+    precision: Literal["fp32", "bf16"] = "fp32"  # the projectors' matmuls (bf16: autocast, ~2.4x faster on AVX512-BF16)
 
     def __post_init__(self) -> None:
         if self.lambda_n < 0 or self.K < 1 or self.experts < 1 or self.hidden < 0:
             raise ConfigError("distill.nkd needs lambda_n >= 0, K >= 1, experts >= 1, hidden >= 0")
         if not 0 <= self.alpha <= 1 or not 0 <= self.dropout < 1:
             raise ConfigError("distill.nkd needs 0 <= alpha <= 1 and 0 <= dropout < 1")
+        check_precision(self.precision, "distill.nkd.precision")
 
 
 def mix_coefficients(shape: tuple[int, ...], strategy: str, alpha: float, generator: torch.Generator) -> Tensor:
@@ -106,7 +108,7 @@ class NKD(DistillMethod):
                                   f"artifact (rank.{kind}_neighbors >= {cfg.K})")
         self.user_nn = torch.as_tensor(user_nn[:, : cfg.K], dtype=torch.int64)  # [U, K]
         self.item_nn = torch.as_tensor(item_nn[:, : cfg.K], dtype=torch.int64)  # [I, K]
-        args = (cfg.experts, student_dim, teacher_dim, cfg.hidden, cfg.dropout)
+        args = (cfg.experts, student_dim, teacher_dim, cfg.hidden, cfg.dropout, cfg.precision == "bf16")
         self.user_proj, self.item_proj = MeanProjector(*args), MeanProjector(*args)
         self.generator = torch.Generator().manual_seed(0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -174,13 +175,35 @@ def latest_checkpoint(cfg: ExperimentConfig, since: str | None = None) -> Path:
 
 def config_fingerprint(cfg: ExperimentConfig | dict) -> str:
     """What a run trains: its whole config but where it runs and what it is called (``ray.*``, ``storage_root``,
-    ``name``) and the fault-injection/retry keys, which do not change what is trained."""
+    ``name``) and the fault-injection/retry keys, which do not change what is trained.
+
+    Only the values that differ from the current defaults count, so an option added later with a default that keeps
+    the old behaviour leaves the runs made before it resumable (their recorded configs lack the key); a value that
+    was the default when a run was made and is not any more still counts (it is recorded)."""
     d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else cfg.to_dict(), default=str))
     for k in ("ray", "storage_root", "name"):
         d.pop(k, None)
     for k in ("fault_step", "fault_rank", "fault_kind", "max_failures"):
         d.get("train", {}).pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_beside_defaults(d, _default_config()), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _default_config() -> dict:
+    return json.loads(json.dumps(ExperimentConfig().to_dict(), default=str))
+
+
+def _beside_defaults(d: dict, ref: dict) -> dict:
+    """``d`` without the keys whose value equals ``ref``'s (recursively; sections left empty dropped)."""
+    out = {}
+    for k, v in d.items():
+        if k in ref and isinstance(v, dict) and isinstance(ref[k], dict):
+            v = _beside_defaults(v, ref[k])
+            if v:
+                out[k] = v
+        elif k not in ref or v != ref[k]:
+            out[k] = v
+    return out
 
 
 RUN_RECORD = "run.json"  # in every run directory, written before training: the config that run trains
@@ -217,7 +240,7 @@ def find_resumable(cfg: ExperimentConfig) -> tuple[str, dict | Path] | None:
         except (OSError, ValueError, KeyError, TypeError, ArtifactError):
             pass
         try:
-            if json.loads((run / RUN_RECORD).read_text())["fingerprint"] == fp:
+            if config_fingerprint(json.loads((run / RUN_RECORD).read_text())["config"]) == fp:
                 unfinished.append(run)
         except (OSError, ValueError, KeyError, TypeError):
             continue

@@ -87,3 +87,23 @@ def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypa
     rows = {r["label"]: r for r in doc["rows"]}
     assert set(rows) == {"bpr_teacher", "bpr_de"} and rows["bpr_de"]["seeds"] == [0]
     assert rows["bpr_de"]["metrics"]["test/H@5"] == 0.4 and not rows["bpr_de"]["extra"]["complete"]
+
+
+def test_the_projectors_precision_is_kept_per_seed(tmp_path, monkeypatch):
+    import benchmarks.common as common
+    from benchmarks.mkd_citeulike import _precision
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "commit", lambda: "def")
+    _part(tmp_path, "bench", "bpr_mkd", [0], [0.40], {"epoch_s": 80.0}, "2026-01-01T00:00:00Z")  # before the key
+    _part(tmp_path, "bench", "bpr_mkd", [1, 2], [0.5, 0.6], {"epoch_s": 35.0}, "2026-02-01T00:00:00Z")
+    doc_path = tmp_path / "bench_bpr_mkd_s1-2.json"
+    doc = json.loads(doc_path.read_text())
+    doc["rows"][0]["extra"]["precision"] = [["bf16"], ["bf16"]]
+    doc_path.write_text(json.dumps(doc))
+    out = common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_mkd"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["extra"]["precision"] == [None, ["bf16"], ["bf16"]]
+    assert _precision(row) == "fp32 (seed 0), bf16 (seeds 1, 2)"
+    assert _precision({**row, "extra": {**row["extra"], "precision": [["bf16"]] * 3}}) == "bf16"
+

@@ -103,6 +103,15 @@ def test_mkd_citeulike_smoke(ray_session, tmp_path):
                                 "--seeds", "0", "--resume", "--teacher-overrides", "ray.num_workers=1"]))
     assert sorted(p.name for p in (tmp_path / "ray_train").iterdir()) == runs
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in doc["rows"]]
+    # --precision bf16 is a config of the methods with projectors only: the student alone is kept, MKD trains again
+    bf16 = _check_format(main([f"storage_root={tmp_path}", "--smoke", "--models", "bpr", "--methods", "none", "mkd",
+                               "--seeds", "0", "--resume", "--precision", "bf16", "--teacher-overrides",
+                               "ray.num_workers=1"]))
+    new = sorted({p.name for p in (tmp_path / "ray_train").iterdir()} - set(runs))
+    assert len(new) == 1 and new[0].startswith("mkd_bpr_mkd_s0-"), new
+    prec = {r["label"]: r["extra"].get("precision") for r in bf16["rows"]}
+    assert prec["bpr_mkd"] == [["bf16"]] and prec["bpr_none"] is None
+    assert [["fp32"]] == {r["label"]: r["extra"].get("precision") for r in again["rows"]}["bpr_mkd"]
 
 
 def test_latency_smoke():

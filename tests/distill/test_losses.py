@@ -294,10 +294,45 @@ def test_de_bf16_experts_track_fp32_and_train_every_part(tau):
     h_s, h_t = torch.randn(256, 20, requires_grad=True), torch.randn(256, 200)
     g32, g16 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     fp32 = ex(h_s, h_t, tau, g32)
-    bf16 = ex(h_s, h_t, tau, g16, bf16=True)
+    ex.bf16 = True  # what distill.de.precision=bf16 builds
+    bf16 = ex(h_s, h_t, tau, g16)
     assert bf16.dtype == torch.float32 and bf16.shape == (256,)
     torch.testing.assert_close(bf16, fp32, rtol=3e-2, atol=1e-2)  # bfloat16 keeps 8 bits of mantissa
     grads = torch.autograd.grad(bf16.sum(), [h_s, ex.w1, ex.w2, ex.select.weight])
     assert all(g.dtype == torch.float32 and bool(g.abs().sum() > 0) for g in grads)
     with pytest.raises(ConfigError, match="precision must be fp32 or bf16"):
         DEConfig(precision="fp16")
+    assert all(e.bf16 for e in DE(DEConfig(precision="bf16"), student_dim=20, teacher_dim=200, parts=["emb"]).modules()
+               if isinstance(e, Experts))
+
+
+def test_bf16_projectors_of_nkd_cpd_htd_track_fp32():
+    """precision=bf16 reaches every projector of NKD, CPD (both forms) and HTD; a bf16 projector's output and its
+    gradients stay float32 and close to the fp32 projector's with the same weights."""
+    from rayrec.distill.cpd import CPD, CPDConfig
+    from rayrec.distill.htd import HTD, HTDConfig
+    from rayrec.distill.nkd import NKD, MeanProjector, NKDConfig
+
+    nn_lists = np.zeros((4, 5), dtype=np.int64)
+    built = [NKD(NKDConfig(precision="bf16"), student_dim=20, teacher_dim=200, user_nn=nn_lists, item_nn=nn_lists),
+             *(CPD(CPDConfig(form=f, regularizer="pair", pair_sample="uniform", precision="bf16"), student_dim=20,
+                   teacher_dim=200, num_items=4) for f in ("v1", "pckd")),
+             HTD(HTDConfig(precision="bf16"), student_dim=20, teacher_dim=200, parts=["emb"])]
+    for m in built:
+        nets = [e for e in m.modules() if isinstance(e, (MeanProjector, Experts))]
+        assert nets and all(e.bf16 for e in nets), type(m).__name__
+    for key, cfg in (("nkd", NKDConfig), ("cpd", CPDConfig), ("htd", HTDConfig)):
+        with pytest.raises(ConfigError, match=f"distill.{key}.precision must be fp32 or bf16"):
+            cfg(precision="fp16")
+    torch.manual_seed(0)
+    proj = MeanProjector(5, 20, 200)
+    x = torch.randn(512, 20, requires_grad=True)
+    fp32 = proj(x)
+    proj.bf16 = True
+    bf16 = proj(x)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=3e-2, atol=1e-2)
+    g32 = torch.autograd.grad(fp32.sum(), [x, proj.w2])
+    g16 = torch.autograd.grad(bf16.sum(), [x, proj.w2])
+    for a, b in zip(g32, g16):
+        assert b.dtype == torch.float32 and float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.99
