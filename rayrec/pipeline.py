@@ -123,7 +123,8 @@ class _Stages:
 
         fp, rec = config_fingerprint(cfg), self.done.get(key)
         if not self.rerun and rec is not None:
-            if rec["fingerprint"] != fp:
+            # recomputed from the recorded config, so an option added since (at its default) is no change
+            if (config_fingerprint(rec["config"]) if "config" in rec else rec["fingerprint"]) != fp:
                 raise ConfigError(f"--resume: the {key} stage's config changed since the interrupted run; rerun "
                                   f"jobs/main.py without --resume (or with another pipeline name)")
             if rec.get("summary"):
@@ -144,7 +145,7 @@ class _Stages:
                     progress(f"[pipeline] {key}: continuing from {ckpt}")
                     return self._finish(key, fit(cfg, prepared=prepared, resume_from=str(ckpt), progress=progress))
         self.rerun = True
-        self._record(key, fp, time.strftime("%Y%m%d-%H%M%S"))
+        self._record(key, cfg, fp, time.strftime("%Y%m%d-%H%M%S"))
         return self._finish(key, fit(cfg, prepared=prepared, progress=progress))
 
     def artifact(self, key: str, path: Path, kind: str) -> None:
@@ -158,8 +159,9 @@ class _Stages:
         self.done[key] = {"identity": ident, "path": str(path)}
         self._write()
 
-    def _record(self, key: str, fp: str, since: str) -> None:
-        self.done[key] = {"fingerprint": fp, "since": since}
+    def _record(self, key: str, cfg: ExperimentConfig, fp: str, since: str) -> None:
+        self.done[key] = {"fingerprint": fp, "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+                          "since": since}
         self._write()
 
     def _finish(self, key: str, summary: dict) -> dict:
