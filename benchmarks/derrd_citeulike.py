@@ -30,7 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, aggregate_parts, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import (RESULTS, aggregate_parts, command_line, commit, precision_label,  # noqa: E402
+                               run_precisions, write_result)
 from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
 
 KEYS = ["test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20", "full/Recall@20", "full/NDCG@20"]
@@ -87,21 +88,25 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
         "extra": {"paper": dict(zip(PAPER_KEYS, paper)) if paper else None,
                   "num_parameters": runs[0]["num_parameters"],
                   "best_epochs": [r["best_epoch"] for r in runs], "epochs_run": [r["epochs_run"] for r in runs],
+                  # DE's expert matmuls per seed (distill.de.precision), for the methods with experts
+                  "precision": run_precisions(runs, ["de"] if method in ("de", "de_rrd") else []),
                   "per_seed": ms},
     }
 
 
 def _markdown(rows: list[dict]) -> str:
     head = ["row", "H@5", "N@5", "H@10", "N@10", "H@20", "N@20", "Recall@20", "NDCG@20", "paper H@5", "epoch s",
-            "median", "seeds"]
+            "median", "seeds", "experts"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m, s = r["metrics"], r["metrics_std"]
         cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
+        # a row recorded before the precision key ran its experts in fp32
+        experts = precision_label(r) or ("fp32" if r["method"] in ("de", "de_rrd") else "")
         paper = r["extra"]["paper"]["test/H@5"] if r["extra"].get("paper") else None
         lines.append("| " + " | ".join([r["label"], *cell, f"{paper:.4f}" if paper else "", f"{r['timing']['epoch_s']:.2f}",
                                         f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
-                                        str(len(r["seeds"]))]) + " |")
+                                        str(len(r["seeds"])), experts]) + " |")
     return "\n".join(lines) + "\n"
 
 

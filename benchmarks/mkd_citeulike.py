@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, aggregate_parts, command_line, commit, write_result  # noqa: E402
+from benchmarks.common import (RESULTS, aggregate_parts, command_line, commit, precision_label,  # noqa: E402
+                               run_precisions, write_result)
 from rayrec.config import CONFIG_DIR, load_config  # noqa: E402
 
 KEYS = ["full/Recall@10", "full/NDCG@10", "full/Recall@20", "full/NDCG@20"]
@@ -61,23 +62,9 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
                    "eval_s": round(statistics.fmean(r["timing"]["epoch_eval_s"] for r in runs), 3)},
         "extra": {"num_parameters": runs[0]["num_parameters"], "best_epochs": [r["best_epoch"] for r in runs],
                   # the projectors' matmuls of each seed (fp32 | bf16), for the methods that have projectors
-                  "precision": [sorted({r["config"]["distill"][k].get("precision", "fp32")
-                                        for k in PROJECTORS[method]}) for r in runs] if method in PROJECTORS else None,
+                  "precision": run_precisions(runs, PROJECTORS.get(method, [])),
                   "epochs_run": [r["epochs_run"] for r in runs], "per_seed": ms},
     }
-
-
-def _precision(row: dict) -> str:
-    """The projectors' precision of a row's seeds: ``fp32``, ``bf16``, ``bf16 (seeds 1, 2), fp32 (seed 0)``."""
-    per_seed = row["extra"].get("precision")
-    if not per_seed:
-        return ""
-    by: dict[str, list[int]] = {}
-    for seed, p in zip(row["seeds"], per_seed):
-        by.setdefault("+".join(p or ["fp32"]), []).append(seed)
-    if len(by) == 1:
-        return next(iter(by))
-    return ", ".join(f"{p} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for p, v in by.items())
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -88,11 +75,13 @@ def _markdown(rows: list[dict]) -> str:
     for r in rows:
         m, s = r["metrics"], r["metrics_std"]
         cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
+        # a row recorded before the precision key ran its projectors in fp32
+        experts = precision_label(r) or ("fp32" if r["method"] in PROJECTORS else "")
         t = teacher.get(r["model"])
         ratio = f"{m['full/NDCG@20'] / t:.3f}" if t and "full/NDCG@20" in m else ""
         lines.append("| " + " | ".join([r["label"], *cell, ratio, f"{r['timing']['epoch_s']:.2f}",
                                         f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
-                                        str(len(r["seeds"])), _precision(r)]) + " |")
+                                        str(len(r["seeds"])), experts]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -91,7 +91,6 @@ def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypa
 
 def test_the_projectors_precision_is_kept_per_seed(tmp_path, monkeypatch):
     import benchmarks.common as common
-    from benchmarks.mkd_citeulike import _precision
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(common, "commit", lambda: "def")
@@ -104,6 +103,6 @@ def test_the_projectors_precision_is_kept_per_seed(tmp_path, monkeypatch):
     out = common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_mkd"])
     row = json.loads(out.read_text())["rows"][0]
     assert row["extra"]["precision"] == [None, ["bf16"], ["bf16"]]
-    assert _precision(row) == "fp32 (seed 0), bf16 (seeds 1, 2)"
-    assert _precision({**row, "extra": {**row["extra"], "precision": [["bf16"]] * 3}}) == "bf16"
+    assert common.precision_label(row) == "fp32 (seed 0), bf16 (seeds 1, 2)"
+    assert common.precision_label({**row, "extra": {**row["extra"], "precision": [["bf16"]] * 3}}) == "bf16"
 
