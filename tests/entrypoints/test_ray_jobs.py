@@ -18,10 +18,17 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.ray
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the sockets stay bound until all are chosen (one at a time, the OS may hand the
+    same port out twice, and `ray start` refuses two components on one port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +36,13 @@ def head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _port(), _port()
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env = _ports(7)
     temp = Path("/tmp") / f"rr{os.getpid()}"  # Ray's socket paths must stay short
     args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
-            f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
-            f"--dashboard-agent-grpc-port={_port()}", f"--metrics-export-port={_port()}",
-            f"--runtime-env-agent-port={_port()}"]  # worker ports: Ray's default range (a job starts 15+ workers)
+            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}"]  # worker ports: Ray's default range (a job starts 15+ workers)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
