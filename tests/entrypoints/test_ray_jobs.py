@@ -74,9 +74,16 @@ def _submit(head, *job) -> str:
     # the job runs in an uploaded copy of the working dir: a relative data root would not resolve there
     runtime = {"env_vars": {"RAYREC_DATA": os.path.abspath(os.environ["RAYREC_DATA"]), "RAY_AUTH_MODE": "disabled"},
                "excludes": [".venv", "runs", "benchmarks/results", ".git"]}
-    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
-                        "--runtime-env-json", json.dumps(runtime), "--", "python", *job],
-                       env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    deadline = time.time() + 180
+    while True:
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
+                            "--runtime-env-json", json.dumps(runtime), "--", "python", *job],
+                           env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        # the job server answers before the head's dashboard agent is up (seconds when idle, a minute under load):
+        # it refuses the job with a 500 then, and a retry is what its message asks for
+        if "No available agent to submit job" not in r.stderr + r.stdout or time.time() > deadline:
+            break
+        time.sleep(5)
     assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
     return r.stdout
 
