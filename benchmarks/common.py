@@ -97,21 +97,23 @@ def run_precisions(runs: list[dict], sections: list[str]) -> list[list[str]] | N
     ``sections`` (e.g. ``["nkd", "cpd"]``); None for a method without any."""
     if not sections:
         return None
-    return [sorted({r["config"].get("distill", {}).get(k, {}).get("precision", "fp32") for k in sections}) for r in runs]
+    return [sorted({r["config"].get("distill", {}).get(k, {}).get("precision", "fp32") for k in sections})
+            for r in runs]
 
 
-def precision_label(row: dict) -> str:
-    """A row's projector precision over its seeds: ``fp32``, ``bf16``, ``fp32 (seed 0), bf16 (seeds 1, 2)``; a seed
-    recorded before the key existed ran in fp32; empty for a method without projectors."""
+def precision_label(row: dict, has_projectors: bool = False) -> str:
+    """A row's projector precision over its seeds: ``fp32``, ``bf16``, ``fp32 (seed 0), bf16 (seeds 1, 2)``. Seeds
+    (or a whole row) recorded before the key existed ran in fp32; empty for a method without projectors."""
     per_seed = row["extra"].get("precision")
     if not per_seed:
-        return ""
+        return "fp32" if has_projectors else ""
     by: dict[str, list[int]] = {}
     for seed, p in zip(row["seeds"], per_seed):
         by.setdefault("+".join(p or ["fp32"]), []).append(seed)
     if len(by) == 1:
         return next(iter(by))
-    return ", ".join(f"{p} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for p, v in by.items())
+    return ", ".join(f"{p} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})"
+                     for p, v in by.items())
 
 
 def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected: list[str], min_seeds: int = 3) -> Path:

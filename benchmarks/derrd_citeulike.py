@@ -60,6 +60,7 @@ TEACHER = {"bpr": "teacher/sharded_row_wise.yaml", "neumf": "teacher/replicated_
 # from the validation search configs/tune/neumf_rrd.yaml, λ_DE = 0.01 since at the paper's Foursquare 1e-4 the DE
 # term is 0.2-0.3% of the NeuMF base loss per row, against 13-40% for BPR at 0.01). BPR uses distill/de_rrd as is.
 WEIGHTS_FROM = {"neumf": "experiments/citeulike__neumf_d252_to_d25__de_rrd.yaml"}
+EXPERTS = {"de": ["de"], "de_rrd": ["de"]}  # the config sections with expert matmuls (distill.de.precision), per method
 
 
 def model_overrides(model: str) -> list[str]:
@@ -88,8 +89,7 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
         "extra": {"paper": dict(zip(PAPER_KEYS, paper)) if paper else None,
                   "num_parameters": runs[0]["num_parameters"],
                   "best_epochs": [r["best_epoch"] for r in runs], "epochs_run": [r["epochs_run"] for r in runs],
-                  # DE's expert matmuls per seed (distill.de.precision), for the methods with experts
-                  "precision": run_precisions(runs, ["de"] if method in ("de", "de_rrd") else []),
+                  "precision": run_precisions(runs, EXPERTS.get(method, [])),  # DE's expert matmuls per seed
                   "per_seed": ms},
     }
 
@@ -101,12 +101,10 @@ def _markdown(rows: list[dict]) -> str:
     for r in rows:
         m, s = r["metrics"], r["metrics_std"]
         cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
-        # a row recorded before the precision key ran its experts in fp32
-        experts = precision_label(r) or ("fp32" if r["method"] in ("de", "de_rrd") else "")
         paper = r["extra"]["paper"]["test/H@5"] if r["extra"].get("paper") else None
         lines.append("| " + " | ".join([r["label"], *cell, f"{paper:.4f}" if paper else "", f"{r['timing']['epoch_s']:.2f}",
                                         f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
-                                        str(len(r["seeds"])), experts]) + " |")
+                                        str(len(r["seeds"])), precision_label(r, r["method"] in EXPERTS)]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -75,13 +75,11 @@ def _markdown(rows: list[dict]) -> str:
     for r in rows:
         m, s = r["metrics"], r["metrics_std"]
         cell = [f"{m[k]:.4f}" + (f" ± {s[k]:.4f}" if len(r["seeds"]) > 1 else "") if k in m else "" for k in KEYS]
-        # a row recorded before the precision key ran its projectors in fp32
-        experts = precision_label(r) or ("fp32" if r["method"] in PROJECTORS else "")
         t = teacher.get(r["model"])
         ratio = f"{m['full/NDCG@20'] / t:.3f}" if t and "full/NDCG@20" in m else ""
         lines.append("| " + " | ".join([r["label"], *cell, ratio, f"{r['timing']['epoch_s']:.2f}",
                                         f"{r['timing']['epoch_median_s']:.2f}" if "epoch_median_s" in r["timing"] else "",
-                                        str(len(r["seeds"])), experts]) + " |")
+                                        str(len(r["seeds"])), precision_label(r, r["method"] in PROJECTORS)]) + " |")
     return "\n".join(lines) + "\n"
 
 

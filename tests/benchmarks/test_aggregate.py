@@ -105,4 +105,3 @@ def test_the_projectors_precision_is_kept_per_seed(tmp_path, monkeypatch):
     assert row["extra"]["precision"] == [None, ["bf16"], ["bf16"]]
     assert common.precision_label(row) == "fp32 (seed 0), bf16 (seeds 1, 2)"
     assert common.precision_label({**row, "extra": {**row["extra"], "precision": [["bf16"]] * 3}}) == "bf16"
-

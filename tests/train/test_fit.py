@@ -36,16 +36,14 @@ def _check_fit_or_resume(cfg, first, prepared, tmp_path):
     assert find_resumable(_cfg(tmp_path, "train.max_epochs=2", "ray.num_workers=1", "train.lr=0.5")) is None
     # a run recorded before an option existed (its config lacks the key) is the same run while the option keeps
     # its default; a recorded value other than the default is another run
-    summary = json.loads((run / "summary.json").read_text())
-    for rec in (summary["config"], json.loads((run / "run.json").read_text())["config"]):
+    summary, record = (json.loads((run / f).read_text()) for f in ("summary.json", "run.json"))
+    for rec in (summary["config"], record["config"]):
         assert rec["distill"]["de"].pop("precision") == "fp32"
     (run / "summary.json").write_text(json.dumps({**summary, "config": {**summary["config"], "train": {
         **summary["config"]["train"], "lr": 0.5}}}))
     assert find_resumable(cfg) is None
     (run / "summary.json").write_text(json.dumps(summary))
     assert find_resumable(cfg)[0] == "finished"
-    record = json.loads((run / "run.json").read_text())
-    del record["config"]["distill"]["de"]["precision"]
     (run / "run.json").write_text(json.dumps(record))
     # interrupt it after the fact: no summary, its newest checkpoint cut short (its manifest not yet written)
     (run / "summary.json").unlink()
