@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from rayrec.artifacts import check_checkpoint, commit_dir, read_manifest, temp_dir_for
 from rayrec.errors import ArtifactError
-from rayrec.topk import sorted_topk
+from rayrec.topk import dot_scores, sorted_topk
 
 KIND = "exported_student"
 RERUN = "jobs/export.py --checkpoint <student run checkpoint>"
@@ -62,7 +62,7 @@ class TopK(nn.Module):
         """Scores of ``users`` ``[B]`` for items ``start:stop`` (default all) -> ``[B, stop - start]``."""
         stop = self.num_items if stop is None else stop
         if self.kind == "dot":
-            return self.users_m[users] @ self.items_t[:, start:stop]  # [B, I_c]
+            return dot_scores(self.users_m[users], self.items_t[:, start:stop])  # [B, I_c] (GEMMs of 2k items)
         B, n = users.shape[0], stop - start
         gmf = self.gmf_user[users].unsqueeze(1) * self.gmf_item[start:stop].unsqueeze(0)  # [B, I_c, D]
         x = torch.cat([self.mlp_user[users].unsqueeze(1).expand(B, n, -1),

@@ -1,9 +1,29 @@
-"""Row-wise top-k of large score blocks, faster than one ``torch.topk`` on CPU (same values)."""
+"""Row-wise top-k of large score blocks, faster than one ``torch.topk`` on CPU (same values), and the dot-product
+score blocks they are taken from."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+SCORE_BLOCK = 2048  # items per GEMM of dot_scores (see there)
+
+
+def dot_scores(queries: Tensor, keys_t: Tensor, block: int = SCORE_BLOCK) -> Tensor:
+    """``queries @ keys_t`` for ``queries`` ``[B, D]`` and ``keys_t`` ``[D, I]`` (e.g. ``keys.T``, a view) -> ``[B, I]``,
+    on CPU one GEMM per ``block`` items written into the result. Same values. With ``I`` in the tens of thousands
+    the one large GEMM runs well below the machine's rate; blocks of 2,048 items (one thread, I = 25,181):
+    ``D = 200``, 1,024 users 320 -> 215 ms and 128 users 38 -> 20 ms; ``D = 20``, 128 users 11.2 -> 3.9 ms (measured
+    with the CPU shared, best of 3). Off the CPU, when gradients are wanted, or for few items: one matmul."""
+    I = keys_t.shape[1]
+    if (queries.device.type != "cpu" or I <= 2 * block
+            or (torch.is_grad_enabled() and (queries.requires_grad or keys_t.requires_grad))):
+        return queries @ keys_t
+    out = queries.new_empty(queries.shape[0], I)
+    for s in range(0, I, block):
+        out[:, s : s + block] = queries @ keys_t[:, s : s + block]  # [B, block]
+    return out
 
 
 def block_topk(scores: Tensor, k: int, g: int = 0) -> tuple[Tensor, Tensor]:

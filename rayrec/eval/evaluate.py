@@ -32,7 +32,7 @@ from rayrec.eval.metrics import (
     sampled_ranks,
 )
 from rayrec.models.base import Recommender, shared_forward
-from rayrec.topk import block_topk
+from rayrec.topk import block_topk, dot_scores
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DotRows:
         return reprs["emb"]  # [B, D]
 
     def block(self, q: Tensor, k: Tensor) -> Tensor:
-        return q @ k.T.to(q.dtype)  # [Q, I_r]
+        return dot_scores(q, k.T.to(q.dtype))  # [Q, I_r]
 
     def pairs(self, q: Tensor, k: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         x = k.to(q.dtype).index_select(0, ki)  # [n, D]
@@ -201,7 +201,7 @@ def _sharded_candidate_scores(q: Tensor, cand: Tensor, shard: RowShard) -> Tenso
     if isinstance(shard.scorer, DotRows) and I_r <= 2 * C * D:
         # every query against all local rows in one GEMM, then the candidates picked out: cheaper than gathering
         # ~Bm·C rows of D floats while the block of rows is small
-        full = Q.reshape(W * Bm, D) @ rows.float().T  # [W·Bm, I_r]
+        full = dot_scores(Q.reshape(W * Bm, D), rows.float().T)  # [W·Bm, I_r]
         s[w, b, c] = full[w * Bm + b, Cg[w, b, c] - off]
     else:
         s[w, b, c] = shard.scorer.pairs(Q.reshape(W * Bm, -1), rows.float(), w * Bm + b, Cg[w, b, c] - off)

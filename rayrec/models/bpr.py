@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rayrec.models.base import Recommender, Table, reduce
+from rayrec.topk import dot_scores
 
 
 class BPR(Recommender):
@@ -48,7 +49,7 @@ class BPR(Recommender):
         return torch.einsum("bd,bcd->bc", u, v)  # [B, C]
 
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
-        return self.user_emb(users) @ self.item_emb.weight.T  # [B, I]
+        return dot_scores(self.user_emb(users), self.item_emb.weight.T)  # [B, I]
 
     def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
         u = self.user_emb(users)  # [B, D]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rayrec.models.base import Recommender, Table, reduce
+from rayrec.topk import dot_scores
 
 
 def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> Tensor:
@@ -132,7 +133,7 @@ class LightGCN(Recommender):
 
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
         U, I = self.propagate()
-        return U[users] @ I.T  # [B, I]
+        return dot_scores(U[users], I.T)  # [B, I]
 
     def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
         s = self.score(users, torch.cat([pos.unsqueeze(1), neg], dim=1))  # [B, 1 + N]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rayrec.distributed import all_gather_stack as _all_gather
 from rayrec.distributed import world as _world
-from rayrec.topk import block_topk
+from rayrec.topk import block_topk, dot_scores
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def sharded_topk(
     all_q = _all_gather(q).reshape(world * bmax, D)  # [W·B, D]
     all_ids = _all_gather(ids).reshape(world * bmax)  # [W·B]
 
-    scores = score_fn(all_q, local_keys) if score_fn is not None else all_q @ local_keys.T  # [W·B, I_r]
+    scores = score_fn(all_q, local_keys) if score_fn is not None else dot_scores(all_q, local_keys.T)  # [W·B, I_r]
     I_r = local_keys.shape[0]
     if exclude_indptr is not None and I_r > 0:
         from rayrec.eval.evaluate import CSR

@@ -49,6 +49,7 @@ from rayrec.config import ExperimentConfig, RankConfig, build, resolve_storage_r
 from rayrec.distributed import all_reduce
 from rayrec.errors import ArtifactError, ConfigError
 from rayrec.sharding.ranking import sharded_topk
+from rayrec.topk import dot_scores
 
 KIND = "teacher_ranking"
 RERUN = "jobs/rank_teacher.py (rayrec.teacher.rank_teacher)"
@@ -123,11 +124,11 @@ def pca_project(rows: Tensor, n_components: int, total_rows: int) -> Tensor:
 def neighbor_scorer(metric: str) -> Callable[[Tensor, Tensor], Tensor]:
     """Similarity of queries ``[Q, D]`` to keys ``[K, D]``: Euclidean (``-||q - k||²``), cosine or dot."""
     if metric == "dot":
-        return lambda q, k: q @ k.T
+        return lambda q, k: dot_scores(q, k.T)
     if metric == "cosine":
-        return lambda q, k: F.normalize(q, dim=1) @ F.normalize(k, dim=1).T
+        return lambda q, k: dot_scores(F.normalize(q, dim=1), F.normalize(k, dim=1).T)
     if metric == "euclidean":
-        return lambda q, k: 2 * (q @ k.T) - (k * k).sum(1) - (q * q).sum(1, keepdim=True)
+        return lambda q, k: 2 * dot_scores(q, k.T) - (k * k).sum(1) - (q * q).sum(1, keepdim=True)
     raise ValueError(f"unknown neighbour metric {metric!r}")
 
 

@@ -82,3 +82,18 @@ def test_block_topk_equals_topk_with_ties_inf_and_leftover_columns():
     v, i = sorted_topk(s, 50)
     assert torch.equal(v, torch.topk(s, 50, dim=1).values) and torch.equal(s.gather(1, i), v)
     assert torch.isin(torch.tensor([1000, 1001, 1002]), block_topk(s, 3)[1][2]).all()
+
+
+def test_dot_scores_in_item_blocks_equal_one_matmul():
+    from rayrec.topk import dot_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(7, 5, generator=g), torch.randn(1003, 5, generator=g)  # 1003 = 3 blocks of 300 + 103
+    want = q @ keys.T
+    for kt in (keys.T, keys.T.contiguous()):  # a transposed view or a [D, I] table
+        got = dot_scores(q, kt, block=300)
+        assert got.shape == (7, 1003) and torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(got[:, 300:600], q @ kt[:, 300:600])  # each block is its own GEMM, bit for bit
+    q.requires_grad_(True)  # gradients wanted: one matmul, differentiable
+    dot_scores(q, keys.T, block=300).sum().backward()
+    assert torch.allclose(q.grad, keys.sum(0).expand(7, -1), atol=1e-5)
