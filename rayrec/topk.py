@@ -21,10 +21,12 @@ def dot_scores(queries: Tensor, keys_t: Tensor, block: int = SCORE_BLOCK) -> Ten
     gradients."""
     B, D = queries.shape
     I = keys_t.shape[1]
-    if (queries.device.type != "cpu" or I <= 2 * block or D < 64 or B < 16
+    # traced (torch.export with a dynamic batch): no branch on B, which would pin the exported batch size
+    few = B < 16 if not torch.compiler.is_compiling() else False
+    if (queries.device.type != "cpu" or I <= 2 * block or D < 64 or few
             or (torch.is_grad_enabled() and (queries.requires_grad or keys_t.requires_grad))):
         return queries @ keys_t
-    out = queries.new_empty(queries.shape[0], I)
+    out = queries.new_empty(B, I)
     for s in range(0, I, block):
         out[:, s : s + block] = queries @ keys_t[:, s : s + block]  # [B, block]
     return out

@@ -140,6 +140,23 @@ def test_grouped_chunked_blocked_topk_equals_one_topk(item_chunk):
     assert i[0].tolist() == [271, 205, 139, 73, 7] and int(i[1, 0]) == 529 and float(v[1, 0]) == 9.0
 
 
+def test_a_wide_table_over_many_items_exports_for_any_batch_size():
+    # d >= 64 over > 4,096 items: scores in 2,048-item GEMMs (rayrec.topk.dot_scores), which must not pin the
+    # exported batch size (a branch on the batch size did: "16 <= batch" guard)
+    from rayrec.serve import TopK
+
+    torch.manual_seed(0)
+    tensors = {"user": torch.randn(50, 64), "item": torch.randn(5000, 64)}
+    top = TopK("dot", tensors, k=20)
+    ep = torch.export.export(top, (torch.arange(20),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    for b in (1, 3, 40):
+        users = torch.arange(b)
+        want = (tensors["user"][users] @ tensors["item"].t()).topk(20, dim=1)
+        values, items = ep.module()(users)
+        torch.testing.assert_close(values, want.values)
+        assert torch.equal(items, want.indices)
+
+
 def test_export_roundtrip_and_id_maps(run, tmp_path):
     ck, model, pd = run
     out = export_student(ck, tmp_path / "exported", k=10)
