@@ -62,7 +62,8 @@ class TopK(nn.Module):
         """Scores of ``users`` ``[B]`` for items ``start:stop`` (default all) -> ``[B, stop - start]``."""
         stop = self.num_items if stop is None else stop
         if self.kind == "dot":
-            return dot_scores(self.users_m[users], self.items_t[:, start:stop])  # [B, I_c] (GEMMs of 2k items for wide tables)
+            # [B, I_c]; GEMMs of 2k items for wide tables (rayrec.topk.dot_scores)
+            return dot_scores(self.users_m[users], self.items_t[:, start:stop])
         B, n = users.shape[0], stop - start
         gmf = self.gmf_user[users].unsqueeze(1) * self.gmf_item[start:stop].unsqueeze(0)  # [B, I_c, D]
         x = torch.cat([self.mlp_user[users].unsqueeze(1).expand(B, n, -1),

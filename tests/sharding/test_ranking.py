@@ -95,7 +95,8 @@ def test_dot_scores_in_item_blocks_equal_one_matmul():
         assert got.shape == (16, 1003) and torch.allclose(got, want, atol=1e-5)
         assert torch.equal(got[:, 300:600], q @ kt[:, 300:600])  # each block is its own GEMM, bit for bit
     for small in (q[:1], q[:, :20]):  # one user, a narrow student: one matmul
-        assert torch.equal(dot_scores(small, keys[:, : small.shape[1]].T, block=300), small @ keys[:, : small.shape[1]].T)
+        kt = keys[:, : small.shape[1]].T
+        assert torch.equal(dot_scores(small, kt, block=300), small @ kt)
     q.requires_grad_(True)  # gradients wanted: one matmul, differentiable
     dot_scores(q, keys.T, block=300).sum().backward()
     assert torch.allclose(q.grad, keys.sum(0).expand(16, -1), atol=1e-4)
