@@ -13,11 +13,11 @@ SCORE_BLOCK = 2048  # items per GEMM of dot_scores (see there)
 def dot_scores(queries: Tensor, keys_t: Tensor, block: int = SCORE_BLOCK) -> Tensor:
     """``queries @ keys_t`` for ``queries`` ``[B, D]`` and ``keys_t`` ``[D, I]`` (e.g. ``keys.T``, a view) ->
     ``[B, I]``, on CPU one GEMM per ``block`` items written into the result when the product is compute-bound
-    (``D >= 64``, ``B >= 16``). Same values. A teacher-sized GEMM over tens of thousands of items runs well below the machine's
-    rate in one piece; with blocks of 2,048 items (I = 25,182, D = 200, quiet machine, 2 threads / 1 thread):
-    64 users 12.2 -> 10.5 / 11.7 -> 10.7 ms and 166 users 24.8 -> 21.2 / 33.7 -> 24.3 ms, plus the top-20. Narrow
-    products (a d=20 student) gain nothing at 2 threads (166 users 9.0 -> 10.4 ms) and single users lose to the
-    per-block calls (0.10 -> 0.18 ms), so they keep one matmul, as do other devices and products that need
+    (``D >= 64``, ``B >= 16``). Same values. A teacher-sized GEMM over tens of thousands of items runs well below the
+    machine's rate in one piece; with blocks of 2,048 items (I = 25,182, D = 200, quiet machine, 2 threads / 1
+    thread): 64 users 12.2 -> 10.5 / 11.7 -> 10.7 ms and 166 users 24.8 -> 21.2 / 33.7 -> 24.3 ms, plus the top-20.
+    Narrow products (a d=20 student) gain nothing at 2 threads (166 users 9.0 -> 10.4 ms) and single users lose to
+    the per-block calls (0.10 -> 0.18 ms), so they keep one matmul, as do other devices and products that need
     gradients."""
     B, D = queries.shape
     I = keys_t.shape[1]
