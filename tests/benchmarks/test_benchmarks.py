@@ -123,6 +123,21 @@ def test_latency_smoke():
         assert r["extra"]["same_top_k_as_naive"] and r["extra"]["latency_ratio"] > 0
         assert r["timing"]["student_p50_ms"] <= r["timing"]["student_p90_ms"] <= r["timing"]["student_p99_ms"]
         assert r["extra"]["teacher_params"] == 10 * r["extra"]["student_params"]  # d=200 vs d=20
+        assert r["extra"]["paired_ratio"] > 0
+
+
+def test_latency_calls_are_interleaved_from_a_rotating_start():
+    import torch
+
+    from benchmarks.latency import timed
+
+    calls = []
+    fns = {n: (lambda u, n=n: calls.append(n)) for n in ("a", "b", "c")}
+    quant, times = timed(fns, torch.arange(2), warmup=1, repeats=4, device=torch.device("cpu"))
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert "".join(calls[3:]) == "abc" + "bca" + "cab" + "abc"
+    assert {n: len(t) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert set(quant["a"]) == {"p50_ms", "p90_ms", "p99_ms"}
 
 
 def test_ranking_and_memory_smokes():

@@ -66,6 +66,24 @@ def test_matches_brute_force(split):
     assert got[f"{prefix}/NDCG@10"] == pytest.approx(want["NDCG@10"])
 
 
+def test_full_ranking_on_cpu_caps_the_score_block_and_keeps_the_metrics(monkeypatch):
+    import rayrec.eval.evaluate as ev
+
+    pd = _tiny()
+    model = BPR(pd.num_users, pd.num_items, 4, init_std=1.0)
+    cfg = EvalConfig(sampled=False, full_ks=[10])  # 256 MiB: every user in one chunk
+    calls = []
+    real = model.score_all
+    monkeypatch.setattr(model, "score_all", lambda u: calls.append(len(u)) or real(u))
+    whole = evaluate(model, EvalData.from_prepared(pd), "test", cfg)
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(ev, "CPU_FULL_BLOCK_MB", 1e-6)  # the cap wins over the budget: one user per chunk
+    capped = evaluate(model, EvalData.from_prepared(pd), "test", cfg)
+    assert len(calls) > 1 and set(calls) == {1}
+    assert capped == pytest.approx(whole)
+
+
 def test_constant_model_scores_zero():
     pd = _tiny()
     model = BPR(pd.num_users, pd.num_items, 4)
