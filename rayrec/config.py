@@ -164,7 +164,8 @@ class EvalConfig:
     full_each_epoch: bool = False  # also compute full-ranking valid metrics every epoch (slower)
     mask_valid_when_testing: bool = True  # mask valid items when ranking for test (MKD's protocol: false)
     users_without_truth: Literal["skip", "zero"] = "skip"  # users with no held-out item: left out, or counted as 0
-    memory_budget_mb: int = 256  # bound on the [users x items] score block of one evaluation chunk
+    memory_budget_mb: int = 256  # bound on the [users x items] score block of one evaluation chunk (full ranking
+    # on a CPU: at most rayrec.eval.evaluate.CPU_FULL_BLOCK_MB)
 
     def __post_init__(self) -> None:
         for k in (*self.sampled_ks, *self.full_ks):
