@@ -142,6 +142,38 @@ def check_space(spec: TuneSpec) -> dict[str, Any]:
     return domains
 
 
+def distinct_choices(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]] | None:
+    """For a space of ``choice`` entries only: ``n`` distinct combinations drawn without replacement (seeded; every
+    combination, in a seeded order, when the space has fewer than ``n``). None when any entry is continuous.
+
+    Ray's random generator samples each trial independently and repeats itself: ``BasicVariantGenerator`` (seed 0)
+    drew 8 distinct configurations in 12 trials from the 4 x 4 x 2 x 3 = 96 of ``configs/tune/sld_weights.yaml``
+    (independent draws repeat about once in 12 here), so a third of that search reran trials it had already run."""
+    if not all(next(iter(e)) == "choice" for e in space.values()):
+        return None
+    import numpy as np
+
+    keys = list(space)
+    sizes = [len(space[k]["choice"]) for k in keys]
+    total = math.prod(sizes)
+    rng = np.random.default_rng(seed)
+    if total <= 1_000_000:
+        picks = rng.permutation(total)[: min(n, total)].tolist()
+    else:  # too many to permute: rejection sampling (collisions are rare in a space this large)
+        seen: dict[int, None] = {}
+        while len(seen) < n:
+            seen.setdefault(int(rng.integers(total)), None)
+        picks = list(seen)
+    points = []
+    for idx in picks:  # mixed-radix digits of idx -> one value per key
+        point = {}
+        for k, size in zip(reversed(keys), reversed(sizes)):
+            idx, digit = divmod(idx, size)
+            point[k] = space[k]["choice"][digit]
+        points.append({k: point[k] for k in keys})
+    return points
+
+
 def _flat(params: dict) -> dict:
     return {k: v for k, v in params.items()}
 
@@ -188,6 +220,29 @@ def _history_callback(path: Path):
     return History()
 
 
+def _searcher(spec: TuneSpec, progress: Callable[[str], None] = print):
+    """The search algorithm of ``spec.searcher`` and the number of trials it will run."""
+    num_samples = spec.num_samples
+    if spec.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise ConfigError(f"tune.searcher=optuna needs optuna (pip install optuna): {e}") from None
+        return OptunaSearch(seed=spec.seed), num_samples
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # a finite space: distinct points (each replaces one of num_samples), never a repeated trial
+    points = distinct_choices(spec.space, spec.num_samples, spec.seed)
+    if points is not None and len(points) < num_samples:
+        progress(f"[tune] {spec.name}: the space has only {len(points)} combinations: {len(points)} trials, "
+                 f"not {num_samples}")
+        num_samples = len(points)
+    # the generator limits concurrency itself (Tune ignores max_concurrent_trials for it, and 12 trials
+    # started at once each wait for Train workers that never fit: WorkerGroupStartupTimeoutError)
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent,
+                                 points_to_evaluate=points), num_samples
+
+
 def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], None] = print,
              report_dir: str | Path | None = None, command: str | None = None) -> Path:
     """Run (or with ``resume`` continue) the search; write the report (into ``report_dir``, default
@@ -221,22 +276,10 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
 
             scheduler = ASHAScheduler(time_attr="epoch", max_t=max(base.train.max_epochs, spec.grace_period + 1),
                                       grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
-        search = None
-        if spec.searcher == "optuna":
-            try:
-                from ray.tune.search.optuna import OptunaSearch
-            except ImportError as e:
-                raise ConfigError(f"tune.searcher=optuna needs optuna (pip install optuna): {e}") from None
-            search = OptunaSearch(seed=spec.seed)
-        else:
-            from ray.tune.search.basic_variant import BasicVariantGenerator
-
-            # the generator limits concurrency itself (Tune ignores max_concurrent_trials for it, and 12 trials
-            # started at once each wait for Train workers that never fit: WorkerGroupStartupTimeoutError)
-            search = BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent)
+        search, num_samples = _searcher(spec, progress)
         tuner = tune.Tuner(
             trainable, param_space=domains,
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=num_samples,
                                         scheduler=scheduler, search_alg=search,
                                         max_concurrent_trials=spec.max_concurrent if spec.searcher == "optuna" else None),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(root), verbose=1,

@@ -117,3 +117,48 @@ def test_bad_search_space_fails_in_one_line_before_ray(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "jobs/tune.py"), "--config", str(spec)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and "unknown config key 'train.lrr'" in p.stderr
+
+
+SLD_SPACE = {"distill.sld.lambda_s": {"choice": [1.0, 5.0, 20.0, 50.0]}, "distill.sld.tau": {"choice": [0.5, 1.0, 2.0, 5.0]},
+             "distill.sld.K": {"choice": [50, 100]}, "train.weight_decay": {"choice": [0.001, 0.0001, 0.00001]}}
+
+
+def test_a_finite_space_is_sampled_without_repeats():
+    from rayrec.tune import distinct_choices
+
+    points = distinct_choices(SLD_SPACE, 12, seed=0)
+    combos = [tuple(p.values()) for p in points]
+    assert len(set(combos)) == 12 and all(list(p) == list(SLD_SPACE) for p in points)
+    assert all(p[k] in SLD_SPACE[k]["choice"] for p in points for k in p)
+    assert distinct_choices(SLD_SPACE, 12, seed=0) == points and distinct_choices(SLD_SPACE, 12, seed=1) != points
+    every = distinct_choices(SLD_SPACE, 200, seed=0)  # more trials than combinations: each combination once
+    assert len(every) == 96 and len({tuple(p.values()) for p in every}) == 96
+    huge = {f"k{i}": {"choice": list(range(10))} for i in range(7)}  # 10^7 combinations: the rejection path
+    assert len({tuple(p.values()) for p in distinct_choices(huge, 50, seed=0)}) == 50
+    assert distinct_choices({**SLD_SPACE, "train.lr": {"loguniform": [1e-4, 1e-2]}}, 12, seed=0) is None
+
+
+@pytest.mark.ray
+def test_the_random_searcher_never_repeats_a_trial_of_a_finite_space(ray_session, tmp_path):
+    """Ray's own generator (seed 0) repeats 2 of its first 8 configurations of this space; the searcher rayrec
+    builds runs 8 different ones, and a space smaller than num_samples runs each combination once."""
+    from ray import tune
+
+    from rayrec.tune import TuneSpec, _domain, _searcher
+
+    def trainable(config):
+        return {"score": 1.0}
+
+    def configs(space, n):
+        spec = TuneSpec(name="distinct", num_samples=n, space=space)
+        search, num_samples = _searcher(spec, progress=lambda s: None)
+        grid = tune.Tuner(trainable, param_space={k: _domain(k, e)[0] for k, e in space.items()},
+                          tune_config=tune.TuneConfig(num_samples=num_samples, search_alg=search),
+                          run_config=tune.RunConfig(storage_path=str(tmp_path), name=f"d{n}", verbose=0)).fit()
+        return [tuple(r.config[k] for k in space) for r in grid]
+
+    got = configs(SLD_SPACE, 8)
+    assert len(got) == 8 and len(set(got)) == 8
+    small = {"a": {"choice": [1, 2]}, "b": {"choice": ["x", "y"]}}
+    got = configs(small, 5)
+    assert sorted(got) == [(1, "x"), (1, "y"), (2, "x"), (2, "y")]
