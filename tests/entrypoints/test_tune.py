@@ -119,8 +119,9 @@ def test_bad_search_space_fails_in_one_line_before_ray(tmp_path):
     assert p.returncode == 2 and "unknown config key 'train.lrr'" in p.stderr
 
 
-SLD_SPACE = {"distill.sld.lambda_s": {"choice": [1.0, 5.0, 20.0, 50.0]}, "distill.sld.tau": {"choice": [0.5, 1.0, 2.0, 5.0]},
-             "distill.sld.K": {"choice": [50, 100]}, "train.weight_decay": {"choice": [0.001, 0.0001, 0.00001]}}
+SLD_SPACE = {"distill.sld.lambda_s": {"choice": [1.0, 5.0, 20.0, 50.0]},
+             "distill.sld.tau": {"choice": [0.5, 1.0, 2.0, 5.0]}, "distill.sld.K": {"choice": [50, 100]},
+             "train.weight_decay": {"choice": [0.001, 0.0001, 0.00001]}}
 
 
 def test_a_finite_space_is_sampled_without_repeats():
