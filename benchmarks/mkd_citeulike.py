@@ -13,8 +13,9 @@ d = 20 student for each seed. Rows ``<model>_teacher``, ``<model>_<method>`` wit
 (``metrics_std``), epoch time, best epochs. Written after every run (``extra.complete`` false until the last one),
 with a markdown table beside it. ``--resume``: the same command again after an interruption keeps every run that
 finished with the same config and continues the interrupted one from its newest checkpoint. ``--smoke``: ML-100K, 1
-epoch, 1 seed, tiny teacher, under ``results/smoke/``. The MKD paper gives no numbers (mkd.md §8.1); its claim is a
-student that beats its teacher.
+epoch, 1 seed, tiny teacher, under ``results/smoke/``. Methods searched for a model run with the searched weights
+(``TUNED``, recorded in each row's ``extra.tuned``; ``--no-tuned``: the stand-alone defaults). The MKD paper gives no
+numbers (mkd.md §8.1); its claim is a student that beats its teacher.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ DIMS = {"bpr": (200, 20), "lightgcn": (200, 20)}
 # epochs, against 0.029 with L2 1e-4 and 0.032 without (row-wise Adagrad lr 0.1; lr 0.02: 0.022 after 8 epochs,
 # lr 0.005: 0.015), one probe each, 1 worker.
 LIGHTGCN_TEACHER = ["model.init_std=0.1", "model.fused_weight_decay=0"]
+# SLD's weights for BPR from two searches over SLD alone on the validation split (configs/tune/sld_weights.yaml and
+# sld_weights_2.yaml, reports in results/tune_sld*/): valid NDCG@10 0.0392 at λ_S 2, τ 0.25, K 50 against 0.0377 with
+# the authors' λ_S 5, τ 1, K 100 (configs/distill/sld.yaml, kept for LightGCN until it is searched). The sld row
+# uses them; --no-tuned runs the stand-alone defaults.
+TUNED = {("bpr", "sld"): ["distill.sld.lambda_s=2.0", "distill.sld.tau=0.25", "distill.sld.K=50"]}
 
 
 def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int, int]) -> dict:
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="the projectors' and experts' matmuls of the methods that have them (nkd, cpd, mkd, de_rrd, "
                     "htd); bf16 autocast is ~2.4x faster on AVX512-BF16 CPUs. The other methods are unchanged")
+    ap.add_argument("--no-tuned", dest="tuned", action="store_false",
+                    help="run every method with its stand-alone defaults, not the searched weights of TUNED")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
     args = ap.parse_args(argv)
     if args.aggregate:
@@ -136,6 +144,9 @@ def main(argv: list[str] | None = None) -> Path:
         write_result(args.out, rows, command=command_line(__file__, argv), path=out_path, commit_sha=sha)
         out_path.with_suffix(".md").write_text(_markdown(rows))
 
+    def tuned(model: str, method: str) -> list[str]:
+        return TUNED.get((model, method), []) if args.tuned else []
+
     for model in args.models:
         t_dim, s_dim = DIMS[model] if not args.smoke else (16, 8)
         teacher_files = [protocol, CONFIG_DIR / "teacher/sharded_row_wise.yaml"]
@@ -164,12 +175,13 @@ def main(argv: list[str] | None = None) -> Path:
                 files = [protocol, *(CONFIG_DIR / f for f in METHOD_FILES[method])]
                 over = [f"name=mkd_{model}_{method}_s{seed}", f"model.name={model}", f"model.dim={s_dim}",
                         f"train.seed={seed}", *(["model.init_std=0.1"] if model == "lightgcn" else []),
-                        *(teacher_ref if method != "none" else []), *common,
+                        *(teacher_ref if method != "none" else []), *tuned(model, method), *common,
                         *(f"distill.{k}.precision={args.precision}" for k in PROJECTORS.get(method, [])
                           if args.precision != "fp32"), *args.overrides]
                 runs.append(train(load_config(files, over)))
                 # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
                 rows[len(rows) - (len(runs) > 1):] = [_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim))]
+                rows[-1]["extra"]["tuned"] = tuned(model, method)  # the searched weights this row ran with
                 flush(False)
     flush(True)
     print(_markdown(rows))
