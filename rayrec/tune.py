@@ -148,7 +148,8 @@ def distinct_choices(space: dict[str, Any], n: int, seed: int) -> list[dict[str,
 
     Ray's random generator samples each trial independently and repeats itself: ``BasicVariantGenerator`` (seed 0)
     drew 8 distinct configurations in 12 trials from the 4 x 4 x 2 x 3 = 96 of ``configs/tune/sld_weights.yaml``
-    (independent draws repeat about once in 12 here), so a third of that search reran trials it had already run."""
+    (independent draws would repeat about once in 12 there; it repeated four times), so a third of that search reran
+    trials it had already run."""
     if not all(next(iter(e)) == "choice" for e in space.values()):
         return None
     import numpy as np
@@ -264,6 +265,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
     spec_dict["cli_overrides"] = [*spec.cli_overrides, *_absolute_paths(base)]  # trials run in their own cwd
     trainable = tune.with_parameters(_trial, spec_dict=spec_dict)
     trainable = tune.with_resources(trainable, {"CPU": 0.1})  # the trial actor only waits on its TorchTrainer
+    num_samples = spec.num_samples
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"--resume: no Tune experiment to restore at {exp_dir}")
@@ -285,7 +287,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: Callable[[str], Non
             run_config=tune.RunConfig(name=spec.name, storage_path=str(root), verbose=1,
                                       callbacks=[_history_callback(root / f"{spec.name}.history.jsonl")]),
         )
-    progress(f"[tune] {spec.name}: {spec.num_samples} trials over {list(domains)} ({spec.scheduler}, "
+    progress(f"[tune] {spec.name}: {num_samples} trials over {list(domains)} ({spec.scheduler}, "
              f"{spec.searcher}), metric {spec.metric} ({spec.mode}) -> {exp_dir}")
     t0 = time.perf_counter()
     grid = tuner.fit()
