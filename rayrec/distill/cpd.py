@@ -235,13 +235,15 @@ class CPD(DistillMethod):
         return TeacherRequest(users=users, items=torch.cat(items))
 
     # ---------------------------------------------------------------- loss
-    def _project_items(self, student: nn.Module, items: Tensor, t_lookup) -> tuple[Tensor, Tensor]:
-        """Detached student vectors and their projections for ``items`` ``[n, C]`` -> ``[n, C, D_s]``, ``[n, C, D_t]``.
+    def _project_items(self, student: nn.Module, groups: list[Tensor], t_lookup) -> list[tuple[Tensor, Tensor]]:
+        """Detached student vectors and their projections for each item tensor of ``groups`` (``[n, C]`` ->
+        ``[n, C, D_s]``, ``[n, C, D_t]``), all groups in one projector call.
 
-        v1's projection is a function of the item alone: each distinct item is projected once and the rows are
-        gathered (the lists of a batch's users share many of the teacher's top items; same values, fewer GEMM
-        rows). pckd draws Gumbel noise per occurrence, so every occurrence is projected."""
-        flat = items.reshape(-1)
+        v1's projection is a function of the item alone: each distinct item of all the groups is projected once and
+        the rows are gathered (a batch's positives, negatives and list items overlap, and the lists of its users
+        share many of the teacher's top items; same values, fewer GEMM rows). pckd draws Gumbel noise per
+        occurrence, so every occurrence is projected."""
+        flat = torch.cat([g.reshape(-1) for g in groups])
         if self.cfg.form == "v1":
             uniq, inv = torch.unique(flat, return_inverse=True)
             e = student.item_repr(uniq)["emb"].detach()  # sg(e^S) [I_u, D_s]
@@ -250,7 +252,9 @@ class CPD(DistillMethod):
         else:
             e = student.item_repr(flat)["emb"].detach()
             p = self.item_proj(e, t_lookup(flat), self.tau, self.generator)
-        return e.view(*items.shape, -1), p.view(*items.shape, -1)
+        sizes = [g.numel() for g in groups]
+        return [(ei.view(*g.shape, -1), pi.view(*g.shape, -1))
+                for g, ei, pi in zip(groups, e.split(sizes), p.split(sizes))]
 
     def losses(self, *, batch: DistillBatch, student: nn.Module, teacher: TeacherAnswer | None,
                reduction: str = "sum") -> dict[str, Tensor]:
@@ -280,30 +284,33 @@ class CPD(DistillMethod):
         e_u = s_user.detach()
         p_u = self.user_proj(e_u, t_user, self.tau, self.generator)  # [U_b, D_t]
 
-        def scores(items: Tensor) -> tuple[Tensor, Tensor]:  # items [U_b, C] -> r, r̂ [U_b, C]
-            e_i, p_i = self._project_items(student, items, t_lookup)
-            return torch.einsum("bd,bcd->bc", e_u, e_i), torch.einsum("bd,bcd->bc", p_u, p_i)
+        def scores(e_i: Tensor, p_i: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            """Items ``[U_b, C, D]`` (or ``[B, C, D]`` with ``rows`` ``[B]`` -> unique users) -> r, r̂ ``[., C]``."""
+            eu, pu = (e_u, p_u) if rows is None else (e_u[rows], p_u[rows])
+            return torch.einsum("bd,bcd->bc", eu, e_i), torch.einsum("bd,bcd->bc", pu, p_i)
 
+        groups: dict[str, Tensor] = {}  # the item sets the regularisers compare, projected together
+        pair_rows = None
         if c.uses_pair:
             if c.regularizer == "hybrid" or c.pair_sample != "batch":
-                pairs = ex["hybrid"] if c.regularizer == "hybrid" else (
-                    ex["q"][:, :2] if c.pair_sample == "rank" else ex["uniform"])
-                r, r_hat = scores(pairs)  # [U_b, 2]
-                rp = pair_regularizer(r_hat[:, 0] - r_hat[:, 1], r[:, 0] - r[:, 1], c.pair_loss)  # [U_b]
+                groups["pair"] = ex["hybrid"] if c.regularizer == "hybrid" else (
+                    ex["q"][:, :2] if c.pair_sample == "rank" else ex["uniform"])  # [U_b, 2]
             else:  # the batch's BPR triples (u, i+, j-), every negative
-                inv = torch.searchsorted(users, batch.users)  # [B] rows -> unique users
-                items = torch.cat([batch.pos.unsqueeze(1), batch.neg], dim=1)  # [B, 1 + N]
-                e_i, p_i = self._project_items(student, items, t_lookup)
-                r = torch.einsum("bd,bcd->bc", e_u[inv], e_i)
-                r_hat = torch.einsum("bd,bcd->bc", p_u[inv], p_i)
-                rp = pair_regularizer(r_hat[:, :1] - r_hat[:, 1:], r[:, :1] - r[:, 1:], c.pair_loss).sum(1)  # [B]
+                pair_rows = torch.searchsorted(users, batch.users)  # [B] rows -> unique users
+                groups["pair"] = torch.cat([batch.pos.unsqueeze(1), batch.neg], dim=1)  # [B, 1 + N]
+        if c.uses_list:
+            groups["list"] = ex["q"]  # [U_b, Q]
+        projected = dict(zip(groups, self._project_items(student, list(groups.values()), t_lookup))) if groups else {}
+        if c.uses_pair:
+            r, r_hat = scores(*projected["pair"], pair_rows)  # [U_b, 2] or [B, 1 + N]
+            rp = pair_regularizer(r_hat[:, :1] - r_hat[:, 1:], r[:, :1] - r[:, 1:], c.pair_loss).sum(1)
             out["kd/cpd_pair"] = c.lambda_c * c.alpha * reduce_terms(rp, reduction)
         if c.uses_list:
-            r, r_hat = scores(ex["q"])  # [U_b, Q]
+            r, r_hat = scores(*projected["list"])  # [U_b, Q]
             out["kd/cpd_list"] = c.lambda_c * c.beta * reduce_terms(list_regularizer(r_hat, r, c.tau), reduction)
             self._count(r_hat[:, :-1] - r_hat[:, 1:], r[:, :-1] - r[:, 1:], top=True)
         with torch.no_grad():
-            r, r_hat = scores(ex["uniform"])
+            r, r_hat = scores(*self._project_items(student, [ex["uniform"]], t_lookup)[0])
             self._count(r_hat[:, :1] - r_hat[:, 1:], r[:, :1] - r[:, 1:], top=False)
         return out
 

@@ -139,6 +139,15 @@ class ExpertMLPs(nn.Module):
         with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._mixture(h_s, s, skip_below).float()
 
+    def mean(self, h_s: Tensor) -> Tensor:
+        """``(1/M) Σ_m E_m(h_s)``: :meth:`mixture` with equal weights, without the per-expert scaling (the ``1/M``
+        folded into the stacked second layers, ``[M·H, D_t]``; equal up to rounding). ``[B, D_s]`` -> ``[B, D_t]``
+        float32."""
+        M, d_s, H = self.w1.shape
+        with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            x = torch.relu(self.drop(h_s) @ self.w1.permute(1, 0, 2).reshape(d_s, M * H) + self.b1.reshape(1, M * H))
+            return (self.drop(x) @ (self.w2.reshape(M * H, -1) / M) + self.b2.mean(0)).float()  # [B, D_t]
+
     def _mixture(self, h_s: Tensor, s: Tensor, skip_below: float) -> Tensor:
         M, d_s, H = self.w1.shape
         if skip_below > 0:

@@ -87,8 +87,7 @@ class MeanProjector(ExpertMLPs):
     """``M`` MLPs ``D_s -> H -> D_t``, outputs averaged and L2-normalised -> ``[B, D_t]``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        s = x.new_full((x.shape[0], self.M), 1.0 / self.M)  # plain mean of the M outputs
-        return F.normalize(self.mixture(x, s), dim=-1)
+        return F.normalize(self.mean(x), dim=-1)  # plain mean of the M outputs
 
 
 class NKD(DistillMethod):
