@@ -128,7 +128,9 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
 
     Every part distilled the teacher of its ``<model>_teacher`` row: parts whose teacher rows differ in any metric
     are refused (ValueError naming them), since their students would be compared across different teachers. A
-    teacher retrained bit for bit (same commit, seed and world size) has the same metrics and passes."""
+    teacher retrained bit for bit (same commit, seed and world size) has the same metrics and passes. Likewise, parts
+    whose rows of one label record different ``extra.method_config`` (the method's weights) are refused; parts from
+    before that key are merged unchecked."""
     import statistics
 
     parts = sorted(p for p in RESULTS.glob(f"{name}_*.json"))
@@ -144,6 +146,17 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
         raise ValueError(f"{name}: parts distilled different teachers (teacher rows differ), e.g. "
                          + "; ".join(f"{label}: " + " vs ".join(str(g) for g in groups) for label, groups in mixed.items())
                          + ". Move the parts of the other teacher out of benchmarks/results/ (e.g. to superseded/)")
+    settings: dict[str, dict[str, list[str]]] = {}  # label -> its extra.method_config (as JSON) -> parts
+    for d in docs:
+        for r in d["rows"]:
+            if "method_config" in r["extra"]:
+                key = json.dumps(r["extra"]["method_config"], sort_keys=True)
+                settings.setdefault(r["label"], {}).setdefault(key, []).append(d["_file"])
+    mixed = {label: list(v.values()) for label, v in settings.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(f"{name}: parts ran one row with different method settings (extra.method_config), e.g. "
+                         + "; ".join(f"{label}: " + " vs ".join(str(g) for g in groups) for label, groups in mixed.items())
+                         + ". Move the parts of the other setting to superseded/")
     merged: dict[str, dict] = {}
     for d in docs:
         for r in d["rows"]:

@@ -52,11 +52,31 @@ LIGHTGCN_TEACHER = ["model.init_std=0.1", "model.fused_weight_decay=0"]
 # and MKD's SLD term use them (NKD's and CPD's weights in MKD are their stand-alone defaults until searched);
 # --no-tuned runs the stand-alone defaults.
 SLD_BPR = ["distill.sld.lambda_s=2.0", "distill.sld.tau=0.25", "distill.sld.K=50"]
-TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): SLD_BPR}
+# MKD's CPD term for BPR: the authors' CiteULike BPR CPD setting (later code, mkd.md §5.5 table: λ_C 0.05, the list
+# regulariser only with β 0.1, Q 5 from the teacher's top-100, τ 0.1), not searched here, with the v1 projector (5
+# averaged MLPs, cosine). CPD's stand-alone default (λ_C 1, both regularisers, Q 20 from the top-500) pulled MKD down
+# (default-weight bpr_mkd seed 0: test NDCG@20 0.0161 against SLD alone's 0.0171, results/superseded/) and costs ~2x
+# the epoch time. NKD keeps its default (λ_N 0.5, the authors' CiteULike BPR value).
+CPD_BPR_MKD = ["distill.cpd.lambda_c=0.05", "distill.cpd.regularizer=list", "distill.cpd.beta=0.1", "distill.cpd.Q=5",
+               "distill.cpd.mxK=100", "distill.cpd.tau=0.1"]
+TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): SLD_BPR + CPD_BPR_MKD}
+# the distill config sections each method reads (recorded per row as extra.method_config, precision aside: the
+# aggregate refuses to merge seeds of one row that ran different weights)
+SECTIONS = {"nkd": ["nkd"], "cpd": ["cpd"], "sld": ["sld"], "mkd": ["mkd", "nkd", "cpd", "sld"], "de_rrd": ["de", "rrd"],
+            "htd": ["htd"], "unkd": ["unkd"]}
+
+
+def method_config(run: dict, method: str) -> dict:
+    """The distill settings ``method`` ran with in ``run`` (a fit summary), without the projectors' precision."""
+    d = run["config"]["distill"]
+    return {sec: {k: v for k, v in d[sec].items() if k != "precision"} for sec in SECTIONS.get(method, [])}
 
 
 def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int, int]) -> dict:
     ms = [{k: r["metrics"][k] for k in KEYS if k in r["metrics"]} for r in runs]
+    configs = [method_config(r, method) for r in runs] if method != "teacher" else [{}]
+    if any(c != configs[0] for c in configs):
+        raise ValueError(f"{label}: the seeds ran different {method} settings")
     mean = {k: statistics.fmean(m[k] for m in ms) for k in ms[0]}
     std = {k: (statistics.stdev(m[k] for m in ms) if len(ms) > 1 else 0.0) for k in ms[0]}
     return {
@@ -71,7 +91,8 @@ def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int,
         "extra": {"num_parameters": runs[0]["num_parameters"], "best_epochs": [r["best_epoch"] for r in runs],
                   # the projectors' matmuls of each seed (fp32 | bf16), for the methods that have projectors
                   "precision": run_precisions(runs, PROJECTORS.get(method, [])),
-                  "epochs_run": [r["epochs_run"] for r in runs], "per_seed": ms},
+                  "epochs_run": [r["epochs_run"] for r in runs], "per_seed": ms,
+                  **({"method_config": configs[0]} if configs[0] else {})},
     }
 
 

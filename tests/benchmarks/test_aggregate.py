@@ -54,6 +54,31 @@ def test_parts_of_different_teachers_are_refused(tmp_path, monkeypatch):
         common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_teacher"])
 
 
+def test_parts_of_one_row_with_different_method_settings_are_refused(tmp_path, monkeypatch):
+    """Seeds measured by separate commands merge only when they ran the same weights (extra.method_config)."""
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "commit", lambda: "def")
+
+    def part(seed, lambda_c, created, old=False):
+        _part(tmp_path, "bench", "bpr_mkd", [seed], [0.5], {"epoch_s": 1.0}, created)
+        f = tmp_path / f"bench_bpr_mkd_s{seed}.json"
+        doc = json.loads(f.read_text())
+        if not old:  # a part written before the key existed has none
+            doc["rows"][0]["extra"]["method_config"] = {"cpd": {"lambda_c": lambda_c}, "sld": {"tau": 0.25}}
+        f.write_text(json.dumps(doc))
+
+    part(0, 0.05, "2026-01-01T00:00:00Z")
+    part(1, 0.05, "2026-01-02T00:00:00Z")
+    part(2, 0.05, "2026-01-03T00:00:00Z", old=True)
+    out = common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_mkd"])
+    assert json.loads(out.read_text())["rows"][0]["seeds"] == [0, 1, 2]
+    part(2, 1.0, "2026-01-04T00:00:00Z")  # seed 2 redone with CPD's stand-alone weight
+    with pytest.raises(ValueError, match=r"different method settings.*bpr_mkd.*bench_bpr_mkd_s0.json.*vs.*_s2.json"):
+        common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["bpr_mkd"])
+
+
 def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypatch):
     """derrd_citeulike writes its part after every seed: a run killed during seed 1 of a method keeps seed 0."""
     import benchmarks.common as common

@@ -95,6 +95,10 @@ def test_mkd_citeulike_smoke(ray_session, tmp_path):
     assert set(rows) == {"bpr_teacher", "bpr_none", "bpr_mkd"} and rows["bpr_mkd"]["extra"]["complete"]
     assert rows["bpr_teacher"]["world_size"] == 1  # the teacher override reached its training
     assert rows["bpr_mkd"]["extra"]["tuned"] == []  # --smoke (ML-100K) runs the defaults, not CiteULike's TUNED
+    # the weights each row ran with, for the aggregate's check that merged seeds ran the same ones
+    mc = rows["bpr_mkd"]["extra"]["method_config"]
+    assert set(mc) == {"mkd", "nkd", "cpd", "sld"} and mc["cpd"]["lambda_c"] == 1.0 and "precision" not in mc["cpd"]
+    assert "method_config" not in rows["bpr_none"]["extra"]
     # projectors are training-only: the MKD student has the student-alone parameter count
     assert rows["bpr_mkd"]["extra"]["num_parameters"] == rows["bpr_none"]["extra"]["num_parameters"]
     assert {"full/Recall@10", "full/NDCG@20"} <= set(rows["bpr_mkd"]["metrics"])
