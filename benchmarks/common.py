@@ -116,6 +116,19 @@ def precision_label(row: dict, has_projectors: bool = False) -> str:
                      for p, v in by.items())
 
 
+def _refuse_mixed(name: str, docs: list[dict], key, what: str, hint: str) -> None:
+    """ValueError naming the parts if rows of one label give different ``key(row)`` values (None: not compared)."""
+    groups: dict[str, dict[str, list[str]]] = {}  # label -> key value (as JSON) -> parts
+    for d in docs:
+        for r in d["rows"]:
+            if (value := key(r)) is not None:
+                groups.setdefault(r["label"], {}).setdefault(json.dumps(value, sort_keys=True), []).append(d["_file"])
+    mixed = {label: list(v.values()) for label, v in groups.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(f"{name}: {what}, e.g. " + "; ".join(
+            f"{label}: " + " vs ".join(str(g) for g in parts) for label, parts in mixed.items()) + f". {hint}")
+
+
 def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected: list[str], min_seeds: int = 3) -> Path:
     """Merge the rows of every part file ``results/<name>_*.json`` (runs of one benchmark made by separate
     commands, e.g. one seed or method per session) into ``results/<name>.json`` + ``.md``.
@@ -135,28 +148,13 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
 
     parts = sorted(p for p in RESULTS.glob(f"{name}_*.json"))
     docs = sorted((json.loads(p.read_text()) | {"_file": p.name} for p in parts), key=lambda d: d["created"])
-    teachers: dict[str, dict[str, list[str]]] = {}  # teacher label -> its metrics (as JSON) -> parts
-    for d in docs:
-        for r in d["rows"]:
-            if r["label"].endswith("_teacher"):
-                key = json.dumps(r["extra"].get("per_seed") or r["metrics"], sort_keys=True)
-                teachers.setdefault(r["label"], {}).setdefault(key, []).append(d["_file"])
-    mixed = {label: list(v.values()) for label, v in teachers.items() if len(v) > 1}
-    if mixed:
-        raise ValueError(f"{name}: parts distilled different teachers (teacher rows differ), e.g. "
-                         + "; ".join(f"{label}: " + " vs ".join(str(g) for g in groups) for label, groups in mixed.items())
-                         + ". Move the parts of the other teacher out of benchmarks/results/ (e.g. to superseded/)")
-    settings: dict[str, dict[str, list[str]]] = {}  # label -> its extra.method_config (as JSON) -> parts
-    for d in docs:
-        for r in d["rows"]:
-            if "method_config" in r["extra"]:
-                key = json.dumps(r["extra"]["method_config"], sort_keys=True)
-                settings.setdefault(r["label"], {}).setdefault(key, []).append(d["_file"])
-    mixed = {label: list(v.values()) for label, v in settings.items() if len(v) > 1}
-    if mixed:
-        raise ValueError(f"{name}: parts ran one row with different method settings (extra.method_config), e.g. "
-                         + "; ".join(f"{label}: " + " vs ".join(str(g) for g in groups) for label, groups in mixed.items())
-                         + ". Move the parts of the other setting to superseded/")
+    # every part distilled the same teacher (teacher rows equal) and ran each row with the same weights
+    _refuse_mixed(name, docs, lambda r: (r["extra"].get("per_seed") or r["metrics"]) if r["label"].endswith("_teacher")
+                  else None, "parts distilled different teachers (teacher rows differ)",
+                  "Move the parts of the other teacher out of benchmarks/results/ (e.g. to superseded/)")
+    _refuse_mixed(name, docs, lambda r: r["extra"].get("method_config"),
+                  "parts ran one row with different method settings (extra.method_config)",
+                  "Move the parts of the other setting to superseded/")
     merged: dict[str, dict] = {}
     for d in docs:
         for r in d["rows"]:
