@@ -49,8 +49,7 @@ LIGHTGCN_TEACHER = ["model.init_std=0.1", "model.fused_weight_decay=0"]
 # SLD's weights for BPR from two searches over SLD alone on the validation split (configs/tune/sld_weights.yaml and
 # sld_weights_2.yaml, reports in results/tune_sld*/): valid NDCG@10 0.0392 at λ_S 2, τ 0.25, K 50 against 0.0377 with
 # the authors' λ_S 5, τ 1, K 100 (configs/distill/sld.yaml, kept for LightGCN until it is searched). The sld row
-# and MKD's SLD term use them (NKD's and CPD's weights in MKD are their stand-alone defaults until searched);
-# --no-tuned runs the stand-alone defaults.
+# and MKD's SLD term use them; --no-tuned runs the stand-alone defaults.
 SLD_BPR = ["distill.sld.lambda_s=2.0", "distill.sld.tau=0.25", "distill.sld.K=50"]
 # MKD's CPD term for BPR: the authors' CiteULike BPR CPD setting (later code, mkd.md §5.5 table: λ_C 0.05, the list
 # regulariser only with β 0.1, Q 5 from the teacher's top-100, τ 0.1), not searched here, with the v1 projector (5
@@ -74,7 +73,7 @@ def method_config(run: dict, method: str) -> dict:
 
 def _row(label: str, model: str, method: str, runs: list[dict], dims: tuple[int, int]) -> dict:
     ms = [{k: r["metrics"][k] for k in KEYS if k in r["metrics"]} for r in runs]
-    configs = [method_config(r, method) for r in runs] if method != "teacher" else [{}]
+    configs = [method_config(r, method) for r in runs]  # {} for the teacher and the student alone
     if any(c != configs[0] for c in configs):
         raise ValueError(f"{label}: the seeds ran different {method} settings")
     mean = {k: statistics.fmean(m[k] for m in ms) for k in ms[0]}

@@ -143,19 +143,24 @@ class ExpertMLPs(nn.Module):
         """``(1/M) Σ_m E_m(h_s)``: :meth:`mixture` with equal weights, without the per-expert scaling (the ``1/M``
         folded into the stacked second layers, ``[M·H, D_t]``; equal up to rounding). ``[B, D_s]`` -> ``[B, D_t]``
         float32."""
-        M, d_s, H = self.w1.shape
+        M, _, H = self.w1.shape
         with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            x = torch.relu(self.drop(h_s) @ self.w1.permute(1, 0, 2).reshape(d_s, M * H) + self.b1.reshape(1, M * H))
-            return (self.drop(x) @ (self.w2.reshape(M * H, -1) / M) + self.b2.mean(0)).float()  # [B, D_t]
+            x = self._hidden(h_s)  # [B, M·H]
+            return (x @ (self.w2.reshape(M * H, -1) / M) + self.b2.mean(0)).float()  # [B, D_t]
+
+    def _hidden(self, h_s: Tensor) -> Tensor:
+        """Every expert's hidden layer in one GEMM, dropout applied: ``[B, D_s]`` -> ``[B, M·H]``."""
+        M, d_s, H = self.w1.shape
+        return self.drop(torch.relu(self.drop(h_s) @ self.w1.permute(1, 0, 2).reshape(d_s, M * H)
+                                    + self.b1.reshape(1, M * H)))
 
     def _mixture(self, h_s: Tensor, s: Tensor, skip_below: float) -> Tensor:
-        M, d_s, H = self.w1.shape
+        M, _, H = self.w1.shape
         if skip_below > 0:
             keep = s.detach() >= skip_below  # [B, M]
             if int(keep.sum()) * 3 <= keep.numel():
                 return self._sparse_mixture(h_s, s, keep)
-        x = torch.relu(self.drop(h_s) @ self.w1.permute(1, 0, 2).reshape(d_s, M * H) + self.b1.reshape(1, M * H))
-        x = (self.drop(x).view(-1, M, H) * s.unsqueeze(-1)).reshape(-1, M * H)  # [B, M·H]
+        x = (self._hidden(h_s).view(-1, M, H) * s.unsqueeze(-1)).reshape(-1, M * H)  # [B, M·H]
         return x @ self.w2.reshape(M * H, -1) + s @ self.b2  # [B, D_t]
 
     def _sparse_mixture(self, h_s: Tensor, s: Tensor, keep: Tensor) -> Tensor:
