@@ -38,6 +38,23 @@ def test_full_topology_by_hand():
     assert entity_topology_terms(s, t, torch.tensor([0, 1, 0]), "all").sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("entity_pairs", ["positive", "all"])
+def test_entity_topology_per_group_blocks_equal_the_masked_full_matrix(entity_pairs):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(40, 3, generator=g, requires_grad=True), torch.randn(40, 6, generator=g)
+    z = torch.randint(0, 5, (40,), generator=g) * 3  # 5 of 15 ids used, unequal sizes, unsorted
+    z[:12] = 6  # one large group
+    # the reference: the code's whole [n, n] matrices, masked
+    a_s, a_t = F.normalize(s, dim=-1) @ F.normalize(s, dim=-1).T, F.normalize(t, dim=-1) @ F.normalize(t, dim=-1).T
+    keep = (z[:, None] == z[None, :]) & ((a_t > 0) if entity_pairs == "positive" else True)
+    want = (a_s[keep] - a_t[keep]).pow(2)
+    got = entity_topology_terms(s, t, z, entity_pairs)
+    assert got.shape == want.shape and torch.allclose(got.sort().values, want.sort().values, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got.sum(), s)
+    (g_want,) = torch.autograd.grad(want.sum(), s)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
 def test_group_topology_prototypes_by_hand():
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
     s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
@@ -153,7 +170,8 @@ def test_ftd_has_no_parameters_and_neumf_parts_are_distilled_separately():
 
 
 @pytest.mark.parametrize("kw", [dict(alpha=1.5), dict(alpha=-0.1), dict(M=0), dict(lambda_htd=-1.0),
-                                dict(mode="full"), dict(choice="third"), dict(tau_end=2.0), dict(hidden=-1)])
+                                dict(mode="full"), dict(choice="third"), dict(tau_end=2.0), dict(hidden=-1),
+                                dict(skip_below=1.0)])
 def test_htd_config_validation(kw):
     with pytest.raises(ConfigError):
         HTDConfig(**kw)
