@@ -132,10 +132,11 @@ class ExpertMLPs(nn.Module):
 
         Dense path: two plain GEMMs, ``relu(h W1) [B, M·H]`` scaled per expert, times the stacked second layers
         ``[M·H, D_t]``; the ``[B, M, D_t]`` block of expert outputs is never built (same FLOPs, ~3x faster on CPU
-        than batched bmm). Sparse path (``skip_below > 0`` and at most a third of the weights above it, e.g. a
+        than batched bmm). Sparse path (``skip_below > 0`` and at most a fifth of the weights above it, e.g. a
         Gumbel-softmax late in DE's annealing, when the selection is one-hot to machine precision): only the
         (entity, expert) pairs with ``s_m >= skip_below`` are computed, grouped by expert (one small GEMM pair per
-        used expert), up to ``M`` times fewer FLOPs. Dropped terms weigh less than ``skip_below`` each (as do
+        used expert), up to ``M`` times fewer FLOPs. (HTD's step, M 30, ~2000 items, bf16: the sparse path beats the
+        dense one below ~0.2 of the pairs kept; at 0.04 the step is 86 against 156 ms, at 0.22 199 against 170.) Dropped terms weigh less than ``skip_below`` each (as do
         their gradients to the selection network, which are proportional to ``s_m``). Returns float32."""
         with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._mixture(h_s, s, skip_below).float()
@@ -161,7 +162,7 @@ class ExpertMLPs(nn.Module):
         M, _, H = self.w1.shape
         if skip_below > 0:
             keep = s.detach() >= skip_below  # [B, M]
-            if int(keep.sum()) * 3 <= keep.numel():
+            if int(keep.sum()) * 5 <= keep.numel():  # below ~1/5 of the pairs the per-expert GEMMs cost more
                 return self._sparse_mixture(h_s, s, keep)
         x = self._hidden(h_s)
         x = (x.view(-1, M, H) * s.to(x.dtype).unsqueeze(-1)).reshape(-1, M * H)  # [B, M·H]
@@ -172,17 +173,18 @@ class ExpertMLPs(nn.Module):
         order = torch.argsort(m, stable=True)
         b, m = b[order], m[order]  # grouped by expert
         counts = torch.bincount(m, minlength=self.M).tolist()
-        h = self.drop(h_s)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = b[start : start + n]
-            x = torch.relu(h[rows] @ self.w1[e] + self.b1[e])  # [n, H]
-            outs.append((self.drop(x) @ self.w2[e] + self.b2[e]) * s[rows, e].unsqueeze(1))  # [n, D_t]
-            start += n
-        out = h_s.new_zeros(h_s.shape[0], self.d_t)
-        return out.index_add(0, b, torch.cat(outs))  # [B, D_t]
+        # one gather of the pairs' inputs and weights, the parameters cast once (bf16 under autocast), then per used
+        # expert only its two GEMMs on a contiguous slice; one scaling and one scatter at the end
+        dt = torch.get_autocast_dtype(h_s.device.type) if torch.is_autocast_enabled(h_s.device.type) else h_s.dtype
+        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
+        h = self.drop(h_s)[b].to(dt)  # [P, D_s]
+        outs = []
+        for e, h_e in enumerate(h.split(counts)):
+            if h_e.shape[0]:
+                x = self.drop(torch.relu(torch.addmm(b1[e], h_e, w1[e])))  # [n_e, H]
+                outs.append(torch.addmm(b2[e], x, w2[e]))  # [n_e, D_t]
+        y = torch.cat(outs).float() * s[b, m].unsqueeze(1)  # [P, D_t]
+        return h_s.new_zeros(h_s.shape[0], self.d_t, dtype=y.dtype).index_add(0, b, y)  # [B, D_t]
 
 
 class Experts(ExpertMLPs):
