@@ -107,12 +107,20 @@ def measure_memory(world: int, users: int, items: int, dim: int, steps: int, dev
 
     from rayrec.sharding.memory import model_tables, table_bytes_per_worker
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "mem")
-        mp.spawn(_mem_worker, args=(world, port, users, items, dim, steps, out, device), nprocs=world, join=True)
+        for attempt in range(3):  # the free port found here can be taken before rank 0 listens on it: retry
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            try:
+                mp.spawn(_mem_worker, args=(world, port, users, items, dim, steps, out, device), nprocs=world,
+                         join=True)
+                break
+            except mp.ProcessRaisedException as e:
+                if "EADDRINUSE" not in str(e) or attempt == 2:
+                    raise
+                print(f"[memory] port {port} was taken before the workers bound it; retrying", flush=True)
         ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
     est = table_bytes_per_worker(model_tables("bpr", users, items, dim), "row_wise", "exact_rowwise_adagrad", world)
     return {"ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),

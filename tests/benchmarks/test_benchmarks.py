@@ -158,6 +158,30 @@ def test_ranking_and_memory_smokes():
     assert rows[0]["extra"]["above_base_ws2_vs_ws1_ratio"] < 0.65  # ~0.53 measured
 
 
+def test_memory_workers_retry_when_their_port_is_taken(monkeypatch, capsys):
+    import socket
+
+    from benchmarks.sharded_teacher import measure_memory
+
+    busy = socket.socket()  # a port someone else listens on, handed out as the first "free" one
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    ports = [busy.getsockname()[1]]
+    real = socket.socket
+
+    class Picker(real):
+        def getsockname(self):
+            return ("127.0.0.1", ports.pop()) if ports else super().getsockname()
+
+    monkeypatch.setattr(socket, "socket", Picker)
+    try:
+        m = measure_memory(1, 1000, 1000, 8, 1)
+    finally:
+        busy.close()
+    assert m["peak_mib"] > 0 and len(m["ranks"]) == 1
+    assert "retrying" in capsys.readouterr().out
+
+
 @pytest.mark.ray
 def test_data_path_smoke(ray_session):
     from benchmarks.data_path import main
