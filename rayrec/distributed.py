@@ -21,13 +21,10 @@ def ensure_process_group(backend: str = "gloo") -> bool:
     if not dist.is_available() or dist.is_initialized():
         return False
     import os
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # an in-process store: one rank needs no rendezvous, and no TCP port that another process could take first
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 
