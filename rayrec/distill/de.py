@@ -136,8 +136,9 @@ class ExpertMLPs(nn.Module):
         Gumbel-softmax late in DE's annealing, when the selection is one-hot to machine precision): only the
         (entity, expert) pairs with ``s_m >= skip_below`` are computed, grouped by expert (one small GEMM pair per
         used expert), up to ``M`` times fewer FLOPs. (HTD's step, M 30, ~2000 items, bf16: the sparse path beats the
-        dense one below ~0.2 of the pairs kept; at 0.04 the step is 86 against 156 ms, at 0.22 199 against 170.) Dropped terms weigh less than ``skip_below`` each (as do
-        their gradients to the selection network, which are proportional to ``s_m``). Returns float32."""
+        dense one below ~0.2 of the pairs kept; at 0.04 the step is 86 against 156 ms, at 0.22 199 against 170.)
+        Dropped terms weigh less than ``skip_below`` each (as do their gradients to the selection network, which are
+        proportional to ``s_m``). Returns float32."""
         with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._mixture(h_s, s, skip_below).float()
 
