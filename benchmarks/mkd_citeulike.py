@@ -13,8 +13,8 @@ d = 20 student for each seed. Rows ``<model>_teacher``, ``<model>_<method>`` wit
 (``metrics_std``), epoch time, best epochs. Written after every run (``extra.complete`` false until the last one),
 with a markdown table beside it. ``--resume``: the same command again after an interruption keeps every run that
 finished with the same config and continues the interrupted one from its newest checkpoint. ``--smoke``: ML-100K, 1
-epoch, 1 seed, tiny teacher, under ``results/smoke/``. Methods searched for a model run with the searched weights
-(CPD: the authors' CiteULike setting) (``TUNED``, recorded in each row's ``extra.tuned``; ``--no-tuned``: the
+epoch, 1 seed, tiny teacher, under ``results/smoke/``. Methods searched for a model run with the searched weights,
+CPD with the authors' CiteULike setting (``TUNED``, recorded in each row's ``extra.tuned``; ``--no-tuned``: the
 stand-alone defaults). The MKD paper gives no numbers (mkd.md §8.1); its claim is a student that beats its teacher.
 """
 
