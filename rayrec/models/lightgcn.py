@@ -66,6 +66,20 @@ class _SymmetricSpMM(torch.autograd.Function):
         return None, ctx.A @ grad
 
 
+class SpMM(torch.autograd.Function):
+    """``A @ x`` for a sparse CSR ``A`` ``[M, N]`` whose transpose ``At`` ``[N, M]`` (CSR) is kept beside it: the
+    backward is ``At @ grad`` (torch's COO ``sparse.mm`` transposes and coalesces on every backward instead)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, At: Tensor, x: Tensor) -> Tensor:
+        ctx.At = At
+        return A @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor]:
+        return None, None, ctx.At @ grad
+
+
 class LightGCN(Recommender):
     """LightGCN over the train graph ``(train_users, train_items)`` with ``layers`` propagation steps."""
 

@@ -30,10 +30,11 @@ the owner ranks and get back only the requested rows (:func:`rayrec.sharding.com
 gives the ID embeddings through the collection.
 
 **Per-rank memory** (``n_r`` own nodes, ``nnz_r`` graph entries in the own columns, ``L`` layers): the table
-block ``[n_r, D]`` (in TorchRec), the graph column block (``nnz_r`` entries), ``L + 2`` activations ``[n_r, D]``
-kept for backward, and, transiently per layer, the partial sums ``[N, D]`` and the received ``[W·n_r, D]``
-(``exchange="rounds"``: ``[max_s n_s, D]`` and ``[n_r, D]``). Building the graph block once reads the whole edge
-list and the ``U + I`` degrees (like every worker's data loader does); nothing of the table beyond the own block.
+block ``[n_r, D]`` (in TorchRec), the graph column block (``nnz_r`` entries, twice: in CSR and transposed, so that
+the backward needs no transpose), ``L + 2`` activations ``[n_r, D]`` kept for backward, and, transiently per layer,
+the partial sums ``[N, D]`` and the received ``[W·n_r, D]`` (``exchange="rounds"``: ``[max_s n_s, D]`` and
+``[n_r, D]``). Building the graph block once reads the whole edge list and the ``U + I`` degrees (like every
+worker's data loader does); nothing of the table beyond the own block.
 
 **Collectives, in lockstep.** Every forward (propagation: ``L`` exchanges, or ``L (W - 1)`` with rounds; each
 lookup: three) and its backward is a collective: every rank must make the same calls in the same order, with
@@ -59,6 +60,7 @@ from torchrec import EmbeddingCollection, KeyedJaggedTensor
 from rayrec.distributed import all_gather_stack
 from rayrec.distributed import world as _world
 from rayrec.models.base import Recommender, reduce
+from rayrec.models.lightgcn import SpMM
 from rayrec.models.sharded import _embed, _tables
 from rayrec.sharding.comm import all_to_all_rows, fetch_rows, reduce_scatter_rows
 
@@ -140,7 +142,8 @@ class ShardedLightGCN(Recommender):
                                       device=torch.device(device))
         self._edges: tuple[np.ndarray, np.ndarray] | None = None
         self._layout: RowLayout | None = None
-        self._blocks: list[Tensor] | None = None  # [W] sparse [n_s, n_r]: rows of rank s, this rank's columns
+        # [W] (CSR [n_s, n_r], its transpose CSR [n_r, n_s]): rows of rank s, this rank's columns; None if empty
+        self._blocks: list[tuple[Tensor, Tensor] | None] | None = None
         self._cache: Tensor | None = None
         if graph is not None:
             self.set_graph(*graph)
@@ -185,8 +188,9 @@ class ShardedLightGCN(Recommender):
         self._layout = layout
         return layout
 
-    def _column_blocks(self) -> list[Tensor]:
-        """``Â[:, own nodes]`` split by destination rank: ``W`` sparse ``[n_s, n_r]`` (built once)."""
+    def _column_blocks(self) -> list[tuple[Tensor, Tensor] | None]:
+        """``Â[:, own nodes]`` split by destination rank: ``W`` sparse ``[n_s, n_r]`` (built once), each in CSR
+        with its transpose beside it (the backward multiplies by the transpose; ``None`` for an empty block)."""
         if self._blocks is not None:
             return self._blocks
         if self._edges is None:
@@ -214,8 +218,13 @@ class ShardedLightGCN(Recommender):
         self._blocks = []
         for s in range(W):
             m = owner == s
-            self._blocks.append(torch.sparse_coo_tensor(torch.stack([row[m], col[m]]), val[m], (sizes[s], n_r),
-                                                        device=self._device()).coalesce())
+            if not bool(m.any()):
+                self._blocks.append(None)
+                continue
+            coo = torch.sparse_coo_tensor(torch.stack([row[m], col[m]]), val[m], (sizes[s], n_r),
+                                          device=self._device()).coalesce()
+            # CSR: 2.3x faster than COO on CiteULike-t (one thread), and no transpose + coalesce per backward
+            self._blocks.append((coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()))
         self._edges = None  # only the own column block is kept
         return self._blocks
 
@@ -238,19 +247,24 @@ class ShardedLightGCN(Recommender):
         out = self.ec(kjt)
         return torch.cat([out["user"].values(), out["item"].values()]).view(Ur + Ir, self.dim)
 
+    @staticmethod
+    def _mm(block: tuple[Tensor, Tensor] | None, rows: int, e: Tensor) -> Tensor:
+        """``block @ e`` ``[rows, D]`` (zeros for an empty block)."""
+        return e.new_zeros(rows, e.shape[1]) if block is None else SpMM.apply(*block, e)
+
     def _step(self, e: Tensor) -> Tensor:
         """``E^{(k+1)}`` of the own nodes ``[n_r, D]`` from ``E^{(k)}`` of the own nodes (collective)."""
         lay = self._row_layout()
         blocks, sizes, r, W = self._column_blocks(), lay.node_size, lay.rank, lay.world
         if self.exchange == "all_to_all" or W == 1:
-            partial = torch.cat([torch.sparse.mm(A, e) for A in blocks])  # [N, D] rank-major partial sums
+            partial = torch.cat([self._mm(A, n, e) for A, n in zip(blocks, sizes)])  # [N, D] rank-major partials
             return reduce_scatter_rows(partial, sizes)  # [n_r, D]
-        out = torch.sparse.mm(blocks[r], e)  # [n_r, D] own contribution
+        out = self._mm(blocks[r], sizes[r], e)  # [n_r, D] own contribution
         for j in range(1, W):  # round j: send to r + j, receive from r - j (one block in flight at a time)
             d, src = (r + j) % W, (r - j) % W
             ins, outs = [0] * W, [0] * W
             ins[d], outs[src] = sizes[d], sizes[r]
-            out = out + all_to_all_rows(torch.sparse.mm(blocks[d], e), outs, ins)  # [n_d, D] -> [n_r, D]
+            out = out + all_to_all_rows(self._mm(blocks[d], sizes[d], e), outs, ins)  # [n_d, D] -> [n_r, D]
         return out
 
     def propagate_local(self) -> Tensor:

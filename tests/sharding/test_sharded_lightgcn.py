@@ -96,6 +96,7 @@ def _worker(rank, world, port, sharding_type, out):
             m.item_repr(items)  # served from the eval-mode cache: only the three exchanges of the lookup
             res[exchange]["cached_calls"] = [c[0] for c in rec.calls[n_before:]]
         res[exchange]["calls"] = rec.calls
+    res["empty_blocks"] = sum(b is None for b in m._column_blocks())  # e.g. a rank's users in its own users' columns
     with torch.no_grad():
         res["layer0"] = m.user_repr(users, layer=0)["emb"]
     # the teacher ranking step: this rank's propagated blocks, distributed top-k of its own users
@@ -176,6 +177,8 @@ def test_sharded_lightgcn_equals_dense(tmp_path, spawn, sharding_type):
 
     if sharding_type == "table_wise":
         assert all("contiguous row blocks" in g["dp_error"] for g in got)
+        # whole tables on ranks: some rank's column block has rows of no rank-s nodes (an empty block, no matmul)
+        assert sum(g["empty_blocks"] for g in got) > 0
 
     # (b) the fused SGD steps equal dense SGD on the sum of both ranks' batch losses
     opt = torch.optim.SGD(dense.parameters(), lr=LR)
