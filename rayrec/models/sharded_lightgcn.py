@@ -257,7 +257,8 @@ class ShardedLightGCN(Recommender):
         lay = self._row_layout()
         blocks, sizes, r, W = self._column_blocks(), lay.node_size, lay.rank, lay.world
         if self.exchange == "all_to_all" or W == 1:
-            partial = torch.cat([self._mm(A, n, e) for A, n in zip(blocks, sizes)])  # [N, D] rank-major partials
+            parts = [self._mm(A, n, e) for A, n in zip(blocks, sizes)]
+            partial = parts[0] if W == 1 else torch.cat(parts)  # [N, D] rank-major partial sums
             return reduce_scatter_rows(partial, sizes)  # [n_r, D]
         out = self._mm(blocks[r], sizes[r], e)  # [n_r, D] own contribution
         for j in range(1, W):  # round j: send to r + j, receive from r - j (one block in flight at a time)

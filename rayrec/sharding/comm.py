@@ -73,6 +73,8 @@ def reduce_scatter_rows(partial: Tensor, block_sizes: list[int]) -> Tensor:
     rank ``s``'s rows being the ``s``-th block of ``block_sizes``) -> ``[n_r, D]``, the sum over ranks of this rank's
     block. Differentiable (the backward is an all-gather of the gradient blocks, done as the reverse exchange)."""
     rank, W = _world()
+    if W == 1:
+        return partial  # (a copy through view + sum would cost an [N, D] pass forward and backward)
     n_r = int(block_sizes[rank])
     got = all_to_all_rows(partial, [n_r] * W, block_sizes)  # [W·n_r, D]: the W partial sums of my rows
     return got.view(W, n_r, *partial.shape[1:]).sum(0)
