@@ -13,9 +13,9 @@ d = 20 student for each seed. Rows ``<model>_teacher``, ``<model>_<method>`` wit
 (``metrics_std``), epoch time, best epochs. Written after every run (``extra.complete`` false until the last one),
 with a markdown table beside it. ``--resume``: the same command again after an interruption keeps every run that
 finished with the same config and continues the interrupted one from its newest checkpoint. ``--smoke``: ML-100K, 1
-epoch, 1 seed, tiny teacher, under ``results/smoke/``. Methods searched for a model run with the searched weights,
-CPD with the authors' CiteULike setting (``TUNED``, recorded in each row's ``extra.tuned``; ``--no-tuned``: the
-stand-alone defaults). The MKD paper gives no numbers (mkd.md §8.1); its claim is a student that beats its teacher.
+epoch, 1 seed, tiny teacher, under ``results/smoke/``. ``TUNED`` holds per-model weights, recorded in each row's
+``extra.tuned`` (``--no-tuned``: the stand-alone defaults): BPR's SLD as searched here, BPR's CPD and every LightGCN
+weight as the authors set them for CiteULike. The MKD paper gives no numbers (mkd.md §8.1); its claim is a student that beats its teacher.
 """
 
 from __future__ import annotations
@@ -60,7 +60,16 @@ CPD_BPR_MKD = ["distill.cpd.lambda_c=0.05", "distill.cpd.regularizer=list", "dis
                "distill.cpd.mxK=100", "distill.cpd.tau=0.1"]
 # The cpd row (CPD alone) runs MKD's CPD term: at its stand-alone default (λ_C 1) the feature term dominated the BPR
 # loss (seed 0, bf16: valid NDCG@10 0.017 after 58 epochs against ~0.03 for the student alone, stopped there).
-TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): SLD_BPR + CPD_BPR_MKD, ("bpr", "cpd"): CPD_BPR_MKD}
+# LightGCN, not searched here: the authors' CiteULike LightGCN settings (mkd.md §6.1: SLD λ_S 30, τ 10, K 50, 0.9 of
+# the weight on the student's list and 0.1 on the joint list; §5.5 table, HEAD: CPD λ_C 0.005, the list regulariser
+# with β 0.05, Q 5 from the teacher's top-500, τ 0.01, here with the v1 projector as for BPR). NKD: λ_N 0.5 (§4.3).
+SLD_LIGHTGCN = ["distill.sld.lambda_s=30.0", "distill.sld.tau=10.0", "distill.sld.K=50", "distill.sld.w_t=0.0",
+                "distill.sld.w_a=0.1"]
+CPD_LIGHTGCN = ["distill.cpd.lambda_c=0.005", "distill.cpd.regularizer=list", "distill.cpd.beta=0.05",
+                "distill.cpd.Q=5", "distill.cpd.mxK=500", "distill.cpd.tau=0.01"]
+TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): SLD_BPR + CPD_BPR_MKD, ("bpr", "cpd"): CPD_BPR_MKD,
+         ("lightgcn", "sld"): SLD_LIGHTGCN, ("lightgcn", "mkd"): SLD_LIGHTGCN + CPD_LIGHTGCN,
+         ("lightgcn", "cpd"): CPD_LIGHTGCN}
 # the distill config sections each method reads (recorded per row as extra.method_config, precision aside: the
 # aggregate refuses to merge seeds of one row that ran different weights)
 SECTIONS = {"nkd": ["nkd"], "cpd": ["cpd"], "sld": ["sld"], "mkd": ["mkd", "nkd", "cpd", "sld"], "de_rrd": ["de", "rrd"],
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
                     help="the projectors' and experts' matmuls of the methods that have them (nkd, cpd, mkd, de_rrd, "
                     "htd); bf16 autocast is ~2.4x faster on AVX512-BF16 CPUs. The other methods are unchanged")
     ap.add_argument("--no-tuned", dest="tuned", action="store_false",
-                    help="run every method with its stand-alone defaults, not the searched weights of TUNED")
+                    help="run every method with its stand-alone defaults, not the per-model weights of TUNED")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every student run")
     args = ap.parse_args(argv)
     if args.aggregate:
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
         out_path.with_suffix(".md").write_text(_markdown(rows))
 
     def tuned(model: str, method: str) -> list[str]:
-        return TUNED.get((model, method), []) if args.tuned and not args.smoke else []  # searched on CiteULike
+        return TUNED.get((model, method), []) if args.tuned and not args.smoke else []  # set for CiteULike
 
     for model in args.models:
         t_dim, s_dim = DIMS[model] if not args.smoke else (16, 8)
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
                 runs.append(train(load_config(files, over)))
                 # after every seed: an interrupted run keeps the seeds it finished (the aggregate merges by seed)
                 rows[len(rows) - (len(runs) > 1):] = [_row(f"{model}_{method}", model, method, runs, (t_dim, s_dim))]
-                rows[-1]["extra"]["tuned"] = tuned(model, method)  # the searched weights this row ran with
+                rows[-1]["extra"]["tuned"] = tuned(model, method)  # the per-model weights this row ran with
                 flush(False)
     flush(True)
     print(_markdown(rows))
