@@ -223,7 +223,9 @@ class ShardedLightGCN(Recommender):
                 continue
             coo = torch.sparse_coo_tensor(torch.stack([row[m], col[m]]), val[m], (sizes[s], n_r),
                                           device=self._device()).coalesce()
-            # CSR: 2.3x faster than COO on CiteULike-t (one thread), and no transpose + coalesce per backward
+            # CSR, with no transpose + coalesce per backward: a CiteULike-sized graph (30k nodes, 214k entries, D 200,
+            # one thread, loaded machine): one product 37 -> 16 ms, a 3-layer BPR step (forward + backward, world
+            # size 1) 181 -> 127 ms (best of 12) against COO sparse.mm
             self._blocks.append((coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()))
         self._edges = None  # only the own column block is kept
         return self._blocks
