@@ -129,6 +129,20 @@ def _refuse_mixed(name: str, docs: list[dict], key, what: str, hint: str) -> Non
             f"{label}: " + " vs ".join(str(g) for g in parts) for label, parts in mixed.items()) + f". {hint}")
 
 
+def _drop_unread_teachers(docs: list[dict]) -> None:
+    """Leave out the teacher rows of parts whose student rows are all ``method: none`` (they read no teacher) where
+    other parts carry that teacher row; record the dropped labels in ``d["_unused"]`` (see :func:`aggregate_parts`)."""
+    def teacher_free(d: dict) -> bool:
+        students = [r for r in d["rows"] if not r["label"].endswith("_teacher")]
+        return bool(students) and all(r.get("method") == "none" for r in students)
+
+    read = {r["label"] for d in docs if not teacher_free(d) for r in d["rows"] if r["label"].endswith("_teacher")}
+    for d in docs:
+        if teacher_free(d) and (unused := [r["label"] for r in d["rows"] if r["label"] in read]):
+            d["rows"] = [r for r in d["rows"] if r["label"] not in read]
+            d["_unused"] = unused
+
+
 def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected: list[str], min_seeds: int = 3) -> Path:
     """Merge the rows of every part file ``results/<name>_*.json`` (runs of one benchmark made by separate
     commands, e.g. one seed or method per session) into ``results/<name>.json`` + ``.md``.
@@ -143,11 +157,16 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
     are refused (ValueError naming them), since their students would be compared across different teachers. A
     teacher retrained bit for bit (same commit, seed and world size) has the same metrics and passes. Likewise, parts
     whose rows of one label record different ``extra.method_config`` (the method's weights) are refused; parts from
-    before that key are merged unchecked."""
+    before that key are merged unchecked.
+
+    One exception: a part whose student rows are all the student alone (``method: none``) read no teacher; when
+    other parts carry a ``<model>_teacher`` row, its own teacher row of that model is left out (neither compared nor
+    merged; ``parts`` marks it ``teacher_row_unused``), so a retrained teacher needs no rerun of the student alone."""
     import statistics
 
     parts = sorted(p for p in RESULTS.glob(f"{name}_*.json"))
     docs = sorted((json.loads(p.read_text()) | {"_file": p.name} for p in parts), key=lambda d: d["created"])
+    _drop_unread_teachers(docs)
     # every part distilled the same teacher (teacher rows equal) and ran each row with the same weights
     _refuse_mixed(name, docs, lambda r: (r["extra"].get("per_seed") or r["metrics"]) if r["label"].endswith("_teacher")
                   else None, "parts distilled different teachers (teacher rows differ)",
@@ -196,11 +215,13 @@ def aggregate_parts(name: str, keys: list[str], markdown, command: str, expected
     need = {label: 1 if label.endswith("_teacher") else min_seeds for label in expected}  # one teacher for all
     doc["missing"] = [f"{label} ({have.get(label, 0)}/{need[label]} seeds)" for label in expected
                       if have.get(label, 0) < need[label]]
-    doc["parts"] = [{"file": d["_file"], "command": d["command"], "commit": d["commit"], "created": d["created"]}
-                    for d in docs]
+    doc["parts"] = [{"file": d["_file"], "command": d["command"], "commit": d["commit"], "created": d["created"],
+                     **({"teacher_row_unused": d["_unused"]} if d.get("_unused") else {})} for d in docs]
     out.write_text(json.dumps(doc, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(rows) + "\nParts (each with the command that measured it):\n\n" +
-                                      "".join(f"- `{d['_file']}`: `{d['command']}`\n" for d in docs) +
+                                      "".join(f"- `{d['_file']}`: `{d['command']}`" + (
+                                          f" (its {', '.join(d['_unused'])} row not used: the student alone reads no "
+                                          "teacher)" if d.get("_unused") else "") + "\n" for d in docs) +
                                       (f"\nMissing or short of seeds: {', '.join(doc['missing'])}\n"
                                        if doc["missing"] else ""))
     return out

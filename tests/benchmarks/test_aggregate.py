@@ -130,3 +130,37 @@ def test_the_projectors_precision_is_kept_per_seed(tmp_path, monkeypatch):
     assert row["extra"]["precision"] == [None, ["bf16"], ["bf16"]]
     assert common.precision_label(row) == "fp32 (seed 0), bf16 (seeds 1, 2)"
     assert common.precision_label({**row, "extra": {**row["extra"], "precision": [["bf16"]] * 3}}) == "bf16"
+
+
+def test_the_student_alone_keeps_its_seeds_when_the_teacher_is_retrained(tmp_path, monkeypatch):
+    """A part of the teacher and the student alone (method none, which reads no teacher) merges with parts distilled
+    from a retrained teacher: its teacher row is left out (marked), its student rows kept. Parts that distilled
+    different teachers are still refused."""
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "commit", lambda: "def")
+
+    def part(file, created, rows):
+        doc = {"benchmark": "bench", "command": f"cmd {file}", "commit": "abc", "created": created, "machine": {},
+               "rows": [{"label": label, "method": method, "seeds": [0], "metrics": {}, "timing": {"epoch_s": 1.0},
+                         "extra": {"per_seed": [{"test/H@5": v}], "best_epochs": [1]}} for label, method, v in rows]}
+        (tmp_path / f"bench_{file}.json").write_text(json.dumps(doc))
+
+    part("old", "2026-01-01T00:00:00Z", [("lgcn_teacher", "teacher", 0.90), ("lgcn_none", "none", 0.50)])
+    part("sld", "2026-01-02T00:00:00Z", [("lgcn_teacher", "teacher", 0.91), ("lgcn_sld", "sld", 0.95)])
+    out = common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd",
+                                 expected=["lgcn_teacher", "lgcn_none", "lgcn_sld"], min_seeds=1)
+    doc = json.loads(out.read_text())
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert rows["lgcn_teacher"]["metrics"]["test/H@5"] == 0.91  # the teacher the distilled rows read
+    assert rows["lgcn_teacher"]["extra"]["parts_of_seeds"] == ["bench_sld.json"]
+    assert rows["lgcn_none"]["metrics"]["test/H@5"] == 0.50 and rows["lgcn_sld"]["metrics"]["test/H@5"] == 0.95
+    unused = {p["file"]: p.get("teacher_row_unused") for p in doc["parts"]}
+    assert unused == {"bench_old.json": ["lgcn_teacher"], "bench_sld.json": None}
+    assert "lgcn_teacher row not used" in out.with_suffix(".md").read_text()
+    # a distilled row beside the student alone: that part read its teacher, so the teachers must agree
+    part("old", "2026-01-01T00:00:00Z", [("lgcn_teacher", "teacher", 0.90), ("lgcn_none", "none", 0.50),
+                                         ("lgcn_rd", "rd", 0.6)])
+    with pytest.raises(ValueError, match="different teachers"):
+        common.aggregate_parts("bench", ["test/H@5"], lambda rows: "table", "cmd", expected=["lgcn_teacher"])
