@@ -15,7 +15,8 @@ with a markdown table beside it. ``--resume``: the same command again after an i
 finished with the same config and continues the interrupted one from its newest checkpoint. ``--smoke``: ML-100K, 1
 epoch, 1 seed, tiny teacher, under ``results/smoke/``. ``TUNED`` holds per-model weights, recorded in each row's
 ``extra.tuned`` (``--no-tuned``: the stand-alone defaults): BPR's SLD as searched here, BPR's CPD and every LightGCN
-weight as the authors set them for CiteULike. The MKD paper gives no numbers (mkd.md §8.1); its claim is a student that beats its teacher.
+weight as the authors set them for CiteULike, HTD's λ as HTD's authors report it. The MKD paper gives no numbers
+(mkd.md §8.1); its claim is a student that beats its teacher.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ SLD_LIGHTGCN = ["distill.sld.lambda_s=30.0", "distill.sld.tau=10.0", "distill.sl
                 "distill.sld.w_a=0.1"]
 CPD_LIGHTGCN = ["distill.cpd.lambda_c=0.005", "distill.cpd.regularizer=list", "distill.cpd.beta=0.05",
                 "distill.cpd.Q=5", "distill.cpd.mxK=500", "distill.cpd.tau=0.01"]
+# HTD: λ 1e-3, the HTD authors' value (de_rrd.md §10: "λ_TD≈1e-3"), not KDs' λ 0.5 (configs/distill/htd.yaml; mkd.md,
+# KDs baselines): with the topology terms summed over ~10^5 pairs per batch, λ 0.5 drowned the BPR loss (bpr_htd, 3
+# seeds: test NDCG@20 0.0079, below the student alone; results/superseded/htd_lambda_0.5/), while a probe at λ 1e-3
+# (seed 0, capped at 100 epochs, results/mkd_probes/) reached 0.0149.
+HTD_CITEULIKE = ["distill.htd.lambda_htd=0.001"]
 TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): SLD_BPR + CPD_BPR_MKD, ("bpr", "cpd"): CPD_BPR_MKD,
+         ("bpr", "htd"): HTD_CITEULIKE, ("lightgcn", "htd"): HTD_CITEULIKE,
          ("lightgcn", "sld"): SLD_LIGHTGCN, ("lightgcn", "mkd"): SLD_LIGHTGCN + CPD_LIGHTGCN,
          ("lightgcn", "cpd"): CPD_LIGHTGCN}
 # the distill config sections each method reads (recorded per row as extra.method_config, precision aside: the
