@@ -53,22 +53,10 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, n
     return torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals), (n, n)).coalesce()
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """``A @ x`` for a symmetric sparse ``A`` (CSR): the backward is ``A @ grad`` with the same matrix."""
-
-    @staticmethod
-    def forward(ctx, A: Tensor, x: Tensor) -> Tensor:
-        ctx.A = A
-        return A @ x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
-        return None, ctx.A @ grad
-
-
 class SpMM(torch.autograd.Function):
     """``A @ x`` for a sparse CSR ``A`` ``[M, N]`` whose transpose ``At`` ``[N, M]`` (CSR) is kept beside it: the
-    backward is ``At @ grad`` (torch's COO ``sparse.mm`` transposes and coalesces on every backward instead)."""
+    backward is ``At @ grad`` (torch's COO ``sparse.mm`` transposes and coalesces on every backward instead). A
+    symmetric ``A`` is its own transpose: ``SpMM.apply(A, A, x)``."""
 
     @staticmethod
     def forward(ctx, A: Tensor, At: Tensor, x: Tensor) -> Tensor:
@@ -123,7 +111,7 @@ class LightGCN(Recommender):
         adj = self.adj if self.adj.dtype == e.dtype else self.adj.to(e.dtype)
         acc = e
         for _ in range(self.layers):
-            e = _SymmetricSpMM.apply(adj, e)
+            e = SpMM.apply(adj, adj, e)  # symmetric: its own transpose
             acc = acc + e
         out = acc / (self.layers + 1)
         result = (out[: self.num_users], out[self.num_users :])
