@@ -288,6 +288,38 @@ def test_de_sparse_mixture_matches_all_experts_when_the_selection_is_nearly_one_
     torch.testing.assert_close(ex.mixture(h, soft, skip_below=1e-6), ex.mixture(h, soft))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_de_grouped_sparse_experts_equal_the_per_expert_loop(monkeypatch, bf16):
+    """The CPU sparse path's grouped GEMMs (odd widths, zero-padded to the kernel's 16-byte strides; experts that no
+    entity chose) give the per-expert loop's output and gradients."""
+    import rayrec.distill.de as de_mod
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm: the loop is the only path")
+    torch.manual_seed(0)
+    ex = de_mod.ExpertMLPs(7, 5, 11, bf16=bf16)  # H = 8; D_s 5 and D_t 11 need padding
+    h = torch.randn(40, 5, requires_grad=True)
+    logits = torch.full((40, 7), -30.0)
+    logits[torch.arange(40), torch.arange(40) % 3] = 0.0  # experts 3..6 unused
+    logits.requires_grad_(True)
+    s = torch.softmax(logits, dim=-1)
+    params = [h, logits, ex.w1, ex.b1, ex.w2, ex.b2]
+    calls = []
+    real = de_mod._grouped_experts
+    monkeypatch.setattr(de_mod, "_grouped_experts", lambda *a: calls.append(1) or real(*a))
+    grouped = ex.mixture(h, s, skip_below=1e-6)
+    g_grouped = torch.autograd.grad(grouped.square().sum(), params, retain_graph=True)
+    assert calls  # the grouped path ran
+    monkeypatch.delattr(torch, "_grouped_mm")
+    loop = ex.mixture(h, s, skip_below=1e-6)
+    g_loop = torch.autograd.grad(loop.square().sum(), params)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, loop, **tol)
+    for a, b in zip(g_grouped, g_loop):
+        torch.testing.assert_close(a, b, **tol)
+    assert float(g_grouped[2][3:].abs().sum()) == 0  # unused experts get no gradient
+
+
 @pytest.mark.parametrize("tau", [1.0, 1e-3])  # the dense (soft) and the sparse (nearly one-hot) mixture
 def test_de_bf16_experts_track_fp32_and_train_every_part(tau):
     torch.manual_seed(0)
