@@ -140,7 +140,9 @@ def serving_budget_mb(top: TopK) -> float:
     cache win; a wide one (the teacher) is compute-bound and its GEMMs gain from more users per call. Quiet
     machine, 2 threads, top-20 of 1,024 users, p50 (blocks of users): CiteULike (25,182 items) d=20: 166 users
     (16 MiB) 30.5 ms, 64 22.6, 48 21.5, 32 22.7, 16 33.7; 1M items (32k-item chunks) d=20: 128 1169 ms, 64 932,
-    32 962; d=200: 25k items 83 users 118 ms, 166 94, 332 84-90, 1,024 118; 1M items 128 5.2 s, 256 6.8 s."""
+    32 962; d=200: 25k items 83 users 118 ms, 166 94, 332 84-90, 1,024 118; 1M items 128 5.2 s, 256 6.8 s. The
+    gain is not stable on this VM: a later sweep gave 62 users 21.4 ms against 166 21.2, and 1M items 48 users
+    against 128 went 866 vs 706 ms in one run and 1054 vs 1783 ms in the next (host memory traffic drifts)."""
     return 6.0 if top.kind == "dot" and top.items_t.shape[0] < NARROW_DIM else 16.0
 
 
