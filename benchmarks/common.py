@@ -23,8 +23,8 @@ def commit() -> str:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "rayrec", "jobs", "configs", "benchmarks/*.py"], cwd=REPO, text=True).strip()
         return sha + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - not a git checkout
-        return "unknown"
+    except Exception:  # noqa: BLE001 - not a git checkout (e.g. a copy of the tree on a GPU machine)
+        return os.environ.get("RAYREC_COMMIT", "unknown")  # the commit the copy was made from, where the caller knows
 
 
 def machine() -> dict:

@@ -84,7 +84,7 @@ def _exported(model, k: int, where: Path):
     ep = torch.export.export(module.inner, (torch.arange(2),),
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     torch.export.save(ep, where / "student.pt2")
-    return BlockedTopK(torch.export.load(where / "student.pt2").module(), module.block)
+    return BlockedTopK(torch.export.load(where / "student.pt2").module(), module.block, module.gpu_block)
 
 
 def _catalogues(args) -> list[tuple[str, int, int]]:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
                           "latency_ratio": round(ratio, 4), "paired_ratio": round(paired, 4),
                           "p99_ratio": round(timing["student_p99_ms"] / timing["teacher_p99_ms"], 4),
                           "naive_ratio": round(timing["naive_p50_ms"] / timing["teacher_p50_ms"], 4),
-                          "student_format": "torch.export", "student_user_block": student.block,
+                          "student_format": "torch.export", "student_user_block": student.block_for(device),
                           "same_top_k_as_naive": same, "repeats": reps, "device": args.device,
                           "threads": torch.get_num_threads(),
                           "weights": "trained" if ckpts[0] or ckpts[1] else "random N(0, 0.1)",

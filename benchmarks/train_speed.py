@@ -19,7 +19,8 @@ Two result files:
 - ``method_cost.json``: per method, the 1-worker epoch time / the student-alone epoch time
   (``extra.epoch_ratio``; targets DE <= 6, RRD <= 2), and ``full_eval``: the full-ranking evaluation of every user
   (test split, Recall/NDCG@20, 1 thread) / one student-alone epoch (``extra.eval_vs_student_epoch_ratio``, target
-  <= 1).
+  <= 1). With ``--workers 0`` (the plain loop only) the method costs are the plain epochs' and ``full_eval``
+  evaluates an untrained student of the same shape.
 
 ``--device cuda``: the plain loop, the Ray workers (``ray.use_gpu=true``, one GPU each) and the full evaluation on
 GPUs, written to ``throughput_cuda.json`` / ``method_cost_cuda.json``. Without ``--ranking`` the teacher is ranked
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     import torch
 
     from rayrec.data.prepared import load_prepared, prepare
-    from rayrec.eval.evaluate import EvalData, evaluate
     from rayrec.serve import load_dense_model
     from rayrec.train.fit import fit, prepared_root
     from rayrec.train.plain import plain_epochs
@@ -149,19 +149,16 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
             if w == min(w for w in args.workers if w > 0):
                 epoch_s[method] = r_ep
                 if method == "none":  # the full evaluation of every user with this student, 1 thread
-                    model = load_dense_model(s["checkpoint"], prepared).to(device)
-                    evald = EvalData.from_prepared(load_prepared(prepared))
-                    threads = torch.get_num_threads()
-                    torch.set_num_threads(1)
-                    t0 = time.perf_counter()
-                    m = evaluate(model, evald, "test", base_cfg.eval, sampled=False, full=True, device=device)
-                    synchronize(device)
-                    eval_s = time.perf_counter() - t0
-                    torch.set_num_threads(threads)
-                    eval_row = {"label": "full_eval", "model": "bpr", "method": "none", "dim": 20, "world_size": 1,
-                                "metrics": {k: v for k, v in m.items() if k.startswith("full/")},
-                                "timing": {"eval_s": round(eval_s, 4)},
-                                "extra": {"users": evald.num_users, "items": evald.num_items, "threads": 1}}
+                    eval_row = _full_eval(load_dense_model(s["checkpoint"], prepared), prepared, base_cfg, device)
+        if method == "none" and not any(w > 0 for w in args.workers):
+            # no Ray run to take a trained student from: a fresh one (the evaluation's cost depends on shapes only)
+            from rayrec.models import build_model
+
+            pd = load_prepared(prepared)
+            torch.manual_seed(0)
+            fresh = build_model("bpr", pd.num_users, pd.num_items, 20, base_cfg.model.init_std)
+            eval_row = _full_eval(fresh, prepared, base_cfg, device)
+            eval_row["extra"]["student"] = "untrained (plain loop only)"
     for method in args.methods:
         cost.append({"label": method, "model": "bpr", "method": method, "dim": 20, "world_size": max(1, min(args.workers)),
                      "timing": {"epoch_s": round(epoch_s[method], 4)},
@@ -180,6 +177,29 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         print(md(rows))
         paths.append(p)
     return paths[0], paths[1]
+
+
+def _full_eval(model, prepared, cfg, device) -> dict:
+    """The ``full_eval`` row: full-ranking evaluation (test split) of every user with ``model``, 1 thread."""
+    import torch
+
+    from rayrec.data.prepared import load_prepared
+    from rayrec.eval.evaluate import EvalData, evaluate
+
+    model = model.to(device)
+    evald = EvalData.from_prepared(load_prepared(prepared))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        m = evaluate(model, evald, "test", cfg.eval, sampled=False, full=True, device=device)
+        synchronize(device)
+        eval_s = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return {"label": "full_eval", "model": "bpr", "method": "none", "dim": 20, "world_size": 1,
+            "metrics": {k: v for k, v in m.items() if k.startswith("full/")}, "timing": {"eval_s": round(eval_s, 4)},
+            "extra": {"users": evald.num_users, "items": evald.num_items, "threads": 1}}
 
 
 def _md_throughput(rows: list[dict]) -> str:

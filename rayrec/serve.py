@@ -88,16 +88,25 @@ class BlockedTopK(nn.Module):
     """A top-``k`` module applied to blocks of at most ``block`` users (each block's scores stay in cache-sized
     memory; one ``[B, I]`` block for 1024 users x 25k items would be 100 MiB). ``block=0``: one call. A batch is cut
     into ``ceil(B / block)`` near-equal blocks, not full blocks plus a remainder: 64 users at ``block`` 62 run as
-    32 + 32 (4.0 ms p50 on CiteULike, d=20, 2 threads) rather than 62 + 2 (4.7 ms)."""
+    32 + 32 (4.0 ms p50 on CiteULike, d=20, 2 threads) rather than 62 + 2 (4.7 ms).
 
-    def __init__(self, inner: nn.Module, block: int) -> None:
+    ``gpu_block``: the block for users on a CUDA device (``None``: ``block``). A GPU has no cache to fit and pays a
+    kernel launch per op of every block, so its blocks are sized by memory alone (:data:`GPU_BUDGET_MB`)."""
+
+    def __init__(self, inner: nn.Module, block: int, gpu_block: int | None = None) -> None:
         super().__init__()
         self.inner, self.block = inner, block
+        self.gpu_block = block if gpu_block is None else gpu_block
+
+    def block_for(self, device: torch.device) -> int:
+        """Users per block for a batch on ``device`` (0: the whole batch in one call)."""
+        return self.gpu_block if device.type == "cuda" else self.block
 
     def forward(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.block or users.shape[0] <= self.block:
+        block = self.block_for(users.device)
+        if not block or users.shape[0] <= block:
             return self.inner(users)
-        outs = [self.inner(u) for u in users.tensor_split(-(-users.shape[0] // self.block))]
+        outs = [self.inner(u) for u in users.tensor_split(-(-users.shape[0] // block))]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
@@ -128,7 +137,11 @@ def serving_module(model: nn.Module, k: int = 20) -> BlockedTopK:
         raise TypeError(f"no serving module for {type(model).__name__}")
     # NeuMF builds [B, I, ~4D] intermediates per block; dot models only the [B, I] scores
     width = 1 if top.kind == "dot" else 4 * top.gmf_item.shape[1]
-    return BlockedTopK(top, user_block(min(top.num_items, 1 << 15) * width, serving_budget_mb(top)))
+    per_user = min(top.num_items, 1 << 15) * width
+    return BlockedTopK(top, user_block(per_user, serving_budget_mb(top)), user_block(per_user, GPU_BUDGET_MB))
+
+
+GPU_BUDGET_MB = 1024.0  # MiB of scores per serving block on a GPU: 1024 users x 25k items is 100 MiB, one call
 
 
 NARROW_DIM = 64  # below this many dims a dot model's scores cost D multiply-adds each: writing them is the cost
@@ -214,7 +227,7 @@ def export_student(checkpoint: str | Path, out: str | Path, k: int = 20, prepare
         pq.write_table(pa.table({"id": np.arange(pd.num_users), "raw_id": pd.user_raw()}), tmp / "user_map.parquet")
         pq.write_table(pa.table({"id": np.arange(pd.num_items), "raw_id": pd.item_raw()}), tmp / "item_map.parquet")
         commit_dir(tmp, out, KIND, {
-            "format": fmt, "k": k, "user_block": module.block, "model": s["config"]["model"], "num_users": pd.num_users,
+            "format": fmt, "k": k, "user_block": module.block, "gpu_user_block": module.gpu_block, "model": s["config"]["model"], "num_users": pd.num_users,
             "num_items": pd.num_items, "num_parameters": sum(int(b.numel()) for b in module.buffers()),
             "source_checkpoint": str(ck.resolve()), "distill_method": s["config"].get("distill", {}).get("method"),
             "export_fallback_reason": why,
@@ -231,7 +244,8 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     p = Path(path)
     inner = torch.export.load(p / "student.pt2").module() if m["format"] == "torch.export" else torch.jit.load(
         p / "student.ts")
-    return BlockedTopK(inner, int(m.get("user_block", 0))), m
+    block = int(m.get("user_block", 0))  # artifacts from before the GPU block keep the CPU one there too
+    return BlockedTopK(inner, block, int(m.get("gpu_user_block", block))), m
 
 
 @torch.no_grad()

@@ -152,6 +152,11 @@ def test_serving_blocks_narrow_tables_smaller_and_splits_batches_evenly():
     module.inner.register_forward_pre_hook(lambda m, args: seen.append(int(args[0].shape[0])))
     values, items = module(torch.arange(64))
     assert seen == [32, 32] and items.shape == (64, 20)  # not 62 + 2
+    # a batch on a GPU: blocks sized by memory only (1 GiB of scores: 10,659 users of 25k items), so 1024 users
+    # make one call there while the CPU keeps its cache-sized blocks
+    assert module.gpu_block == 10_659 and module.block_for(torch.device("cuda")) == 10_659
+    assert module.block_for(torch.device("cpu")) == 62
+    assert serving_module(BPR(4, 2_000_000, 20)).gpu_block == 8_192  # 32k-item chunks
 
 
 def test_a_wide_table_over_many_items_exports_for_any_batch_size():
@@ -177,6 +182,8 @@ def test_export_roundtrip_and_id_maps(run, tmp_path):
     module, m = load_exported(out)
     assert m["num_parameters"] == (pd.num_users + pd.num_items) * 8 and m["k"] == 10
     assert m["format"] == "torch.export", m["export_fallback_reason"]
+    assert (module.block, module.gpu_block) == (m["user_block"], m["gpu_user_block"])
+    assert m["gpu_user_block"] >= m["user_block"] > 0
     users = torch.arange(7)
     scores, items = module(users)
     with torch.no_grad():
