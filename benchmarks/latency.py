@@ -76,15 +76,16 @@ def _model(users: int, items: int, dim: int, checkpoint: str | None):
     return BPR(users, items, dim, init_std=0.1)
 
 
-def _exported(model, k: int, where: Path):
-    """The student as a user deploys it: exported (torch.export) and loaded back, in user blocks."""
-    from rayrec.serve import BlockedTopK, serving_module
+def _exported(model, k: int, where: Path, device: torch.device):
+    """The student as a user deploys it: exported (torch.export) on the CPU and loaded back onto ``device``
+    (:func:`rayrec.serve.exported_on`), in user blocks."""
+    from rayrec.serve import BlockedTopK, exported_on, serving_module
 
     module = serving_module(model, k)
     ep = torch.export.export(module.inner, (torch.arange(2),),
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     torch.export.save(ep, where / "student.pt2")
-    return BlockedTopK(torch.export.load(where / "student.pt2").module(), module.block, module.gpu_block)
+    return BlockedTopK(exported_on(torch.export.load(where / "student.pt2"), device), module.block, module.gpu_block)
 
 
 def _catalogues(args) -> list[tuple[str, int, int]]:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         teacher = serving_module(teacher_model, args.k).to(device)
         with tempfile.TemporaryDirectory() as d:
-            student = _exported(student_model, args.k, Path(d)).to(device)
+            student = _exported(student_model, args.k, Path(d), device)
         s_u = student_model.user_emb.weight.detach().to(device)
         s_it = student_model.item_emb.weight.detach().t().contiguous().to(device)
 

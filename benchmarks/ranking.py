@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--dim", type=int, default=200)
     ap.add_argument("--top-n", type=int, default=500)
     ap.add_argument("--teacher-checkpoint", default=None)
+    ap.add_argument("--user-chunks", type=int, nargs="+", default=None,
+                    help="users per kernel step (default rank.user_chunk); several: one kernel row each")
     ap.add_argument("--smoke", action="store_true")
     add_device_arg(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the rank_teacher run, e.g. storage_root=/x")
@@ -105,16 +107,18 @@ def main(argv: list[str] | None = None) -> Path:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     peak = matmul_rate(threads, device=device)
-    k = kernel(U, I, args.dim, args.top_n, chunk, indptr, indices, device=device)
-    rate = k["flop"] / k["topn_s"]
-    rows = [{"label": f"kernel_top{args.top_n}", "dataset": dataset, "model": "bpr", "method": "teacher",
-             "dim": args.dim, "world_size": 1, "device": args.device,
-             "timing": {"topn_s": round(k["topn_s"], 4), "users_per_s": round(U / k["topn_s"], 1)},
-             "extra": {"users": U, "items": I, "top_n": args.top_n, "user_chunk": chunk, "threads": threads,
-                       "scoring_flop_per_s": round(rate), "matmul_flop_per_s": round(peak),
-                       "matmul_ratio": round(rate / peak, 4), "target_matmul_ratio": 0.5}}]
-    print(f"[ranking] kernel: {U:,} users x {I:,} items x {args.dim}: {k['topn_s']:.2f}s, "
-          f"{rate / 1e9:.1f} GFLOP/s = {rate / peak:.2f} of matmul ({peak / 1e9:.1f} GFLOP/s)", flush=True)
+    rows = []
+    for n, c in enumerate(args.user_chunks or [chunk]):
+        k = kernel(U, I, args.dim, args.top_n, c, indptr, indices, device=device)
+        rate = k["flop"] / k["topn_s"]
+        rows.append({"label": f"kernel_top{args.top_n}" + (f"_chunk{c}" if n else ""), "dataset": dataset,
+                     "model": "bpr", "method": "teacher", "dim": args.dim, "world_size": 1, "device": args.device,
+                     "timing": {"topn_s": round(k["topn_s"], 4), "users_per_s": round(U / k["topn_s"], 1)},
+                     "extra": {"users": U, "items": I, "top_n": args.top_n, "user_chunk": c, "threads": threads,
+                               "scoring_flop_per_s": round(rate), "matmul_flop_per_s": round(peak),
+                               "matmul_ratio": round(rate / peak, 4), "target_matmul_ratio": 0.5}})
+        print(f"[ranking] kernel: {U:,} users x {I:,} items x {args.dim}, {c} users per step: {k['topn_s']:.3f}s, "
+              f"{rate / 1e9:.1f} GFLOP/s = {rate / peak:.2f} of matmul ({peak / 1e9:.1f} GFLOP/s)", flush=True)
     if args.teacher_checkpoint:
         import json
 

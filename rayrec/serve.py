@@ -238,14 +238,28 @@ def export_student(checkpoint: str | Path, out: str | Path, k: int = 20, prepare
     return out
 
 
-def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
-    """``(module, manifest)`` of an exported student (refused without a complete manifest)."""
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``(module, manifest)`` of an exported student (refused without a complete manifest), on ``device``."""
     m = read_manifest(path, KIND, RERUN)
     p = Path(path)
-    inner = torch.export.load(p / "student.pt2").module() if m["format"] == "torch.export" else torch.jit.load(
-        p / "student.ts")
+    if m["format"] == "torch.export":
+        inner = exported_on(torch.export.load(p / "student.pt2"), device)
+    else:
+        inner = torch.jit.load(p / "student.ts", map_location=device)
     block = int(m.get("user_block", 0))  # artifacts from before the GPU block keep the CPU one there too
     return BlockedTopK(inner, block, int(m.get("gpu_user_block", block))), m
+
+
+def exported_on(ep: torch.export.ExportedProgram, device: str | torch.device) -> nn.Module:
+    """The callable module of ``ep`` on ``device``. An export made on the CPU bakes the CPU into the tensors its graph
+    creates (``arange`` in the block top-k), which ``module.to("cuda")`` does not move: a CUDA batch then fails with
+    "Expected all tensors to be on the same device". ``torch.export.passes.move_to_device_pass`` rewrites those too."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        ep = move_to_device_pass(ep, device)
+    return ep.module()
 
 
 @torch.no_grad()

@@ -49,6 +49,8 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
 
         flush_denormals()
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.set_device(device)

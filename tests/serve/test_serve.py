@@ -189,6 +189,16 @@ def test_export_roundtrip_and_id_maps(run, tmp_path):
     with torch.no_grad():
         want = model.score_all(users).topk(10, dim=1)
     assert torch.equal(items, want.indices) and scores.shape == (7, 10)
+
+    # loaded onto another device, the tensors the graph creates (the block top-k's arange) move too; module.to()
+    # leaves them on the CPU (a CUDA batch then fails). "meta" stands in for a GPU here.
+    def devices(mod):
+        return {str(n.kwargs["device"]) for n in mod.inner.graph.nodes if n.kwargs.get("device") is not None}
+
+    assert devices(module) == {"cpu"}
+    moved, _ = load_exported(out, device="meta")
+    assert devices(moved) == {"meta"}
+    assert moved(torch.arange(7, device="meta"))[1].shape == (7, 10)
     import pyarrow.parquet as pq
 
     im = pq.read_table(out / "item_map.parquet").to_pandas()
