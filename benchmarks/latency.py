@@ -77,12 +77,12 @@ def _model(users: int, items: int, dim: int, checkpoint: str | None):
 
 
 def _exported(model, k: int, where: Path, device: torch.device):
-    """The student as a user deploys it: exported (torch.export) on the CPU and loaded back onto ``device``
+    """The student as a user deploys it: exported (torch.export) on ``device`` and loaded back there
     (:func:`rayrec.serve.exported_on`), in user blocks."""
     from rayrec.serve import BlockedTopK, exported_on, serving_module
 
-    module = serving_module(model, k)
-    ep = torch.export.export(module.inner, (torch.arange(2),),
+    module = serving_module(model, k).to(device)  # traced where it serves, like jobs/export.py --device
+    ep = torch.export.export(module.inner, (torch.arange(2, device=device),),
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     torch.export.save(ep, where / "student.pt2")
     return BlockedTopK(exported_on(torch.export.load(where / "student.pt2"), device), module.block, module.gpu_block)

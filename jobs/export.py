@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--checkpoint", required=True, help="a finished run's final checkpoint (with summary.json)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--k", type=int, default=20, help="items returned per user")
+    ap.add_argument("--device", default="cpu", help="where the student will serve (cpu, cuda): its graph is traced "
+                    "there")
     args = ap.parse_args(argv)
-    out = export_student(args.checkpoint, args.out, k=args.k)
-    _, m = load_exported(out)
+    out = export_student(args.checkpoint, args.out, k=args.k, device=args.device)
+    _, m = load_exported(out, device=args.device)
     print(f"\nexported {m['model']['name']} d={m['model']['dim']} ({m['num_parameters']:,} parameters, "
           f"{m['format']}): {out}")
     return out

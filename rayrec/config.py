@@ -205,7 +205,9 @@ class TeacherRef:
     ranking: str | None = None  # rank_teacher's output directory (RD, CD, RRD: the teacher's top-N lists)
     name: Literal["bpr", "neumf", "lightgcn"] = "bpr"
     dim: int = 200
-    sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel"] = "row_wise"
+    # how the frozen teacher is held in the workers: sharded like in training, or "dense" (whole in every worker,
+    # no TorchRec: small teachers only; see rayrec.teacher.frozen.load_frozen_teacher)
+    sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "dense"] = "row_wise"
     layers: int = 3  # a LightGCN teacher's propagation steps (as trained; checked against its summary.json)
 
 

@@ -32,10 +32,14 @@ class TeacherOutput:
 
 
 class FrozenTeacher(nn.Module):
+    """``dmp``: the sharded teacher (``DistributedModelParallel`` over a ``TrainTask``), or a dense model (the
+    ``dense`` sharding: the whole teacher in this worker, its lookups local)."""
+
     def __init__(self, dmp: nn.Module) -> None:
         super().__init__()
         self.dmp = dmp
-        self.model = dmp.module.model if hasattr(dmp.module, "model") else dmp.module
+        inner = getattr(dmp, "module", dmp)
+        self.model = inner.model if hasattr(inner, "model") else inner
         self.dmp.eval()
         for p in self.dmp.parameters():
             if p.is_leaf:
@@ -102,11 +106,22 @@ def load_frozen_teacher(checkpoint: str | Path, *, name: str, num_users: int, nu
                         sharding_type: str = "row_wise", device: torch.device | None = None, layers: int = 3,
                         graph: tuple | None = None) -> FrozenTeacher:
     """Load a sharded teacher checkpoint (a Ray Train checkpoint directory holding ``model/``) frozen (collective).
-    A LightGCN teacher also needs its train ``graph`` ``(users, items)`` and ``layers``."""
+    A LightGCN teacher also needs its train ``graph`` ``(users, items)`` and ``layers``.
+
+    ``sharding_type="dense"``: every worker reads the whole checkpoint into a dense model of its own
+    (:func:`rayrec.sharding.checkpoint.export_dense`), no TorchRec lookups. Only for teachers that fit each worker's
+    memory: what a single GPU process without fbgemm-gpu can run (``benchmarks/train_speed.py``'s GPU figures)."""
     from rayrec.train.task import TrainTask
 
     ckpt = Path(checkpoint)
     shards = ckpt / "model" if (ckpt / "model" / ".metadata").exists() else ckpt
+    if sharding_type == "dense":
+        from rayrec.serve import dense_model_state
+        from rayrec.sharding.checkpoint import export_dense
+
+        model = build_model(name, num_users, num_items, dim, layers=layers, graph=graph)
+        model.load_state_dict(dense_model_state(export_dense(shards), name))  # shapes checked here
+        return FrozenTeacher(model.to(device or "cpu"))
     model = build_model(name, num_users, num_items, dim, sharded=True, layers=layers, graph=graph)
     # same module tree as in training (TrainTask -> model) so the checkpoint keys match
     dmp = shard_model(TrainTask(model), sharding_type=sharding_type, optimizer="exact_sgd", lr=0.0, device=device)

@@ -108,8 +108,6 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
 
     topn = topn_scores = neighbors = None
     if ranking is not None:
-        import ray.train
-
         from rayrec.teacher.rank import lists_from_tables
 
         if (ranking["num_users"], ranking["num_items"]) != (pd.num_users, pd.num_items):
@@ -117,6 +115,8 @@ def _build_distillation(cfg: ExperimentConfig, pd, evald: EvalData, device, rank
                              f"items, data has {pd.num_users} x {pd.num_items} (another prepared dataset?)")
 
         def ray_stream(name: str):  # [ray] a whole (unsplit) Ray Data dataset, batch by batch
+            import ray.train
+
             return ray.train.get_dataset_shard(name).iter_batches(batch_size=4096, batch_format="pyarrow")
 
         stream = stream or ray_stream

@@ -156,7 +156,7 @@ def test_serving_blocks_narrow_tables_smaller_and_splits_batches_evenly():
     # make one call there while the CPU keeps its cache-sized blocks
     assert module.gpu_block == 10_659 and module.block_for(torch.device("cuda")) == 10_659
     assert module.block_for(torch.device("cpu")) == 62
-    assert serving_module(BPR(4, 2_000_000, 20)).gpu_block == 8_192  # 32k-item chunks
+    assert serving_module(BPR(4, 2_000_000, 20)).gpu_block == 134  # every item in one GEMM there
 
 
 def test_a_wide_table_over_many_items_exports_for_any_batch_size():

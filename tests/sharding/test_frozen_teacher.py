@@ -43,8 +43,16 @@ def _worker(rank, world, port, ckpt, out):
     # ranks run different numbers of real chunks (lockstep padding)
     lists = torch.stack([torch.randperm(I, generator=torch.Generator().manual_seed(u))[:5] for u in range(U)])
     list_scores = teacher.score_lists(lists, chunk_pairs=10)
+    # the same checkpoint held dense in every worker (no TorchRec lookups) answers the same
+    dense = load_frozen_teacher(ckpt, name="bpr", num_users=U, num_items=I, dim=D, sharding_type="dense")
+    dense.train()
+    out_d = dense.lookup(users, items)
+    dense_same = (torch.equal(out_d.scores, out_t.scores) and torch.equal(out_d.user["emb"], out_t.user["emb"])
+                  and torch.equal(out_d.item["emb"], out_t.item["emb"]) and not dense.dmp.training
+                  and not any(p.requires_grad for p in dense.parameters()))
+    dense_lists = dense.score_lists(lists, chunk_pairs=10)
     if rank == 0:
-        torch.save({"lists": lists, "list_scores": list_scores, "before": before, "after": after, "training": teacher.dmp.training,
+        torch.save({"dense_same": dense_same, "dense_lists": dense_lists, "lists": lists, "list_scores": list_scores, "before": before, "after": after, "training": teacher.dmp.training,
                     "requires_grad": out_t.scores.requires_grad, "user": out_t.user["emb"].shape,
                     "item": out_t.item["emb"].shape, "trained": trained_full}, out)
     dist.barrier()  # no rank tears the group down while a peer is still mid-collective
@@ -63,3 +71,5 @@ def test_frozen_teacher_is_bit_identical_after_a_distillation_step(tmp_path, spa
     user, item = r["trained"]["model.ec.embeddings.user.weight"], r["trained"]["model.ec.embeddings.item.weight"]
     want = torch.einsum("ud,ucd->uc", user, item[r["lists"]])  # [U, 5]
     torch.testing.assert_close(r["list_scores"], want, rtol=1e-5, atol=1e-6)
+    assert r["dense_same"]
+    torch.testing.assert_close(r["dense_lists"], want, rtol=1e-5, atol=1e-6)
