@@ -19,12 +19,16 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted code), or ``RAYREC_COMMIT`` where set: a copy of the tree
+    on another machine may carry no ``.git``, or a stale one."""
+    if os.environ.get("RAYREC_COMMIT"):
+        return os.environ["RAYREC_COMMIT"]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "rayrec", "jobs", "configs", "benchmarks/*.py"], cwd=REPO, text=True).strip()
         return sha + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - not a git checkout (e.g. a copy of the tree on a GPU machine)
-        return os.environ.get("RAYREC_COMMIT", "unknown")  # the commit the copy was made from, where the caller knows
+        return "unknown"
 
 
 def machine() -> dict:
