@@ -73,7 +73,8 @@ def test_block_topk_equals_topk_with_ties_inf_and_leftover_columns():
     s[1, 500:] = -torch.inf  # fewer finite scores than k in the first block only
     s[2, -3:] = 1000.0  # the leftover columns hold the best items
     s[3, torch.randperm(1003, generator=g)[:990]] = -torch.inf  # only 13 finite scores
-    for k, g in ((1, 0), (50, 0), (120, 0), (50, 4), (30, 7), (600, 0)):  # 0: the default g; 600: one plain topk
+    # 0: the default g; 600: one plain topk; (3, 112): a GPU's large groups (groups_for), here on the CPU
+    for k, g in ((1, 0), (50, 0), (120, 0), (50, 4), (30, 7), (600, 0), (3, 112)):
         v, i = block_topk(s, k, g)
         want = torch.topk(s, k, dim=1).values
         assert torch.equal(v.sort(dim=1, descending=True).values, want)
@@ -82,6 +83,15 @@ def test_block_topk_equals_topk_with_ties_inf_and_leftover_columns():
     v, i = sorted_topk(s, 50)
     assert torch.equal(v, torch.topk(s, 50, dim=1).values) and torch.equal(s.gather(1, i), v)
     assert torch.isin(torch.tensor([1000, 1001, 1002]), block_topk(s, 3)[1][2]).all()
+
+
+def test_group_sizes_per_device():
+    from rayrec.topk import groups_for
+
+    # CPU: about n / (12 k) in [2, 16]; CUDA: about sqrt(n / k) / 2 in [2, 128] (the H100 sweep's best)
+    assert [groups_for(25_182, k) for k in (20, 100, 500)] == [16, 16, 4]
+    assert [groups_for(n, k, "cuda") for n, k in ((25_182, 20), (1_000_000, 20), (25_182, 500), (100, 50),
+                                                   (10**9, 1))] == [18, 112, 4, 2, 128]
 
 
 def test_dot_scores_in_item_blocks_equal_one_matmul():
