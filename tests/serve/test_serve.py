@@ -152,9 +152,9 @@ def test_serving_blocks_narrow_tables_smaller_and_splits_batches_evenly():
     module.inner.register_forward_pre_hook(lambda m, args: seen.append(int(args[0].shape[0])))
     values, items = module(torch.arange(64))
     assert seen == [32, 32] and items.shape == (64, 20)  # not 62 + 2
-    # a batch on a GPU: blocks sized by memory only (4 GiB of scores: 42,638 users of 25k items), so 1024 users
+    # a batch on a GPU: blocks sized by memory only (4 GiB of scores: 42,639 users of 25k items), so 1024 users
     # make one call there while the CPU keeps its cache-sized blocks
-    assert module.gpu_block == 42_638 and module.block_for(torch.device("cuda")) == 42_638
+    assert module.gpu_block == 42_639 and module.block_for(torch.device("cuda")) == 42_639
     assert module.block_for(torch.device("cpu")) == 62
     assert serving_module(BPR(4, 2_000_000, 20)).gpu_block == 536  # every item in one GEMM there
 
