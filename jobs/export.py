@@ -6,7 +6,9 @@ Experts, projectors and every other training-only part are not in it.
     ray job submit --working-dir . -- python jobs/export.py --checkpoint <checkpoint> --out runs/exported/bpr_d20
 
 ``--checkpoint`` is the final checkpoint ``distill`` (or ``train_teacher`` for a small teacher) printed; its
-``summary.json`` names the model and the prepared data. Load the result with ``rayrec.serve.load_exported``.
+``summary.json`` names the model and the prepared data. Load the result with ``rayrec.serve.load_exported``
+(``device=`` where it serves). ``--device cuda`` traces the graph on a GPU, for serving there: every item scored in
+one GEMM instead of the CPU's cache-sized chunks (a CPU export still runs on a GPU once loaded there, slower).
 """
 
 from __future__ import annotations
