@@ -33,13 +33,14 @@ def dot_scores(queries: Tensor, keys_t: Tensor, block: int = SCORE_BLOCK) -> Ten
 
 
 def groups_for(n: int, k: int, device_type: str = "cpu") -> int:
-    """:func:`block_topk`'s group size ``g`` for a top ``k`` of ``n`` columns. CPU: about ``n / (12 k)``, between 2
-    and 16 (one thread, see there). CUDA: about ``sqrt(n / k) / 2``, between 2 and 128, from an H100 sweep (GEMM +
+    """:func:`block_topk`'s group size ``g`` for a top ``k`` of ``n`` columns. CPU: about ``n / (8 k)``, between 2
+    and 16 (quiet machine, 2 threads, 1,024 x 25,182, k = 500, ms: g 3 64.7, 4 60.8, 5 54.4, 6 51.5, 8 63.7; k = 100:
+    g 6 30.1, 8 28.5, 12 25.1). CUDA: about ``sqrt(n / k) / 2``, between 2 and 128, from an H100 sweep (GEMM +
     top-k, ms): 1,024 x 25,182, k = 20: g 4 0.33, 8-32 0.29, 64 0.33, 128 0.38; 1,024 x 1M, k = 20: 16 4.9, 32 4.5,
     64 4.3, 128 4.3; 64 x 1M: 16 0.41, 128 0.36; 5,220 x 25,182, k = 500: 4 2.89, 8 2.98, 16 3.43 (one topk 3.18)."""
     if device_type == "cuda":
         return max(2, min(128, round((n / max(k, 1)) ** 0.5 / 2)))
-    return max(2, min(16, n // max(12 * k, 1)))
+    return max(2, min(16, n // max(8 * k, 1)))
 
 
 def block_topk(scores: Tensor, k: int, g: int = 0) -> tuple[Tensor, Tensor]:
