@@ -173,6 +173,11 @@ def test_sharded_teacher_trains_checkpoints_shards_and_resumes_on_fewer_workers(
     r = fit(_cfg(tmp_path, "model.dim=8", "distill.method=rrd", "distill.rrd.interesting=top", "train.max_epochs=1",
                  "ray.num_workers=0", "eval.full=false", *teacher), prepared=prepared)
     assert r["history"][0]["train/kd/rrd"] > 0 and "train/kd/de" not in r["history"][0]
+    # the teacher held dense in each of 2 workers (distill.teacher.sharding=dense: no TorchRec lookups) teaches DE
+    # through Ray Train like the sharded one
+    d = fit(_cfg(tmp_path, "model.dim=8", "distill.method=de", "distill.teacher.sharding=dense", "train.max_epochs=1",
+                 "ray.num_workers=2", "eval.full=false", *teacher), prepared=prepared)
+    assert d["world_size"] == 2 and d["history"][0]["train/kd/de"] > 0
     # a checkpoint written by 2 workers resumes on 1 (DCP reshards on load)
     cfg1 = _cfg(tmp_path, "model.sharding=row_wise", "train.lr=0.1", "train.weight_decay=0", "train.max_epochs=2",
                 "ray.num_workers=1")
