@@ -331,13 +331,16 @@ def _evaluate(model, data: EvalData, split: str, cfg: EvalConfig, sampled: bool 
             else:
                 if len(u) == 0:
                     continue
-                scores = model.score_all(u.to(device)).float().cpu()  # [B, I]
+                # [B, I] ranked where it was scored: on a GPU, copying the block to the host and counting there on
+                # one thread made the full evaluation 1.7x a student epoch (H100, CiteULike)
+                scores = model.score_all(u.to(device)).float()
+                dev = scores.device
                 pairs = [cs.rows(u) for cs in mask_csrs]  # excluded (row, item) pairs, as a CSR over the chunk
                 row, items = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
                 order = torch.argsort(row, stable=True)
                 indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(row, minlength=len(u)).cumsum(0)])
-                m = full_ranking_metrics(scores, (indptr, items[order]), truth, cfg.full_ks)
-            vals = torch.stack([torch.nan_to_num(m[k].double(), nan=0.0).sum() for k in keys])
+                m = full_ranking_metrics(scores, (indptr.to(dev), items[order].to(dev)), truth.to(dev), cfg.full_ks)
+            vals = torch.stack([torch.nan_to_num(m[k].double(), nan=0.0).sum() for k in keys]).cpu()
             sums[:-1] += vals
             sums[-1] += len(u)
         sums = _allreduce(sums)
