@@ -28,12 +28,14 @@ def student_topk(model, num_users: int, K: int, exclude=None, device=None, chunk
     with shared_forward(model):  # fixed weights: LightGCN propagates once for every chunk
         for s in range(lo, hi, chunk):
             u = torch.arange(s, min(s + chunk, hi))
-            scores = model.score_all(u.to(device) if device is not None else u).float().cpu()  # [B, I]
+            # [B, I], masked and ranked where it was scored; only the [B, K] ids come back (a GPU's block copied to
+            # the host and ranked there on the loop's one thread cost more than the scoring)
+            scores = model.score_all(u.to(device) if device is not None else u).float()
             if exclude is not None:
                 row, items = exclude.rows(u)
-                scores[row, items] = -torch.inf
+                scores[row.to(scores.device), items.to(scores.device)] = -torch.inf
             k = min(K, scores.shape[1])
-            out[s - lo : s - lo + len(u), :k] = sorted_topk(scores, k)[1]
+            out[s - lo : s - lo + len(u), :k] = sorted_topk(scores, k)[1].cpu()
     model.train(was_training)
     gathered = all_gather_stack(out.to(device) if device is not None else out)  # [W, per, K] (nccl: on device)
     return gathered.cpu().reshape(-1, K)[:num_users]
