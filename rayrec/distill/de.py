@@ -137,8 +137,9 @@ class ExpertMLPs(nn.Module):
         Gumbel-softmax late in DE's annealing, when the selection is one-hot to machine precision): only the
         (entity, expert) pairs with ``s_m >= skip_below`` are computed, grouped by expert (on CPU two grouped
         GEMMs, :func:`_grouped_experts`; other CPUs one small GEMM pair per used expert), up to ``M`` times fewer
-        FLOPs; CPU only (on a GPU the dense path is faster). (HTD's step, M 30, ~2000 items, bf16, per-expert GEMMs: the sparse path beats the dense one below
-        ~0.2 of the pairs kept; at 0.04 the step is 86 against 156 ms, at 0.22 199 against 170.)
+        FLOPs; CPU only (on a GPU the dense path is faster). (HTD's step, M 30, ~2000 items, bf16, per-expert GEMMs:
+        the sparse path beats the dense one below ~0.2 of the pairs kept; at 0.04 the step is 86 against 156 ms, at
+        0.22 199 against 170.)
         Dropped terms weigh less than ``skip_below`` each (as do their gradients to the selection network, which are
         proportional to ``s_m``). Returns float32."""
         with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=self.bf16):
