@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rayrec.artifacts import check_checkpoint, commit_dir, read_manifest, temp_dir_for
-from rayrec.errors import ArtifactError
+from rayrec.errors import ArtifactError, ConfigError
 from rayrec.topk import dot_scores, sorted_topk
 
 KIND = "exported_student"
@@ -224,7 +224,7 @@ def export_student(checkpoint: str | Path, out: str | Path, k: int = 20, prepare
 
     ck = Path(checkpoint)
     s = _summary(ck)
-    device = torch.device(device)
+    device = _serving_device(device)
     model = load_dense_model(ck, prepared)
     module = serving_module(model, k).to(device)
     pd = load_prepared(prepared or s["prepared"])
@@ -261,12 +261,22 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     """``(module, manifest)`` of an exported student (refused without a complete manifest), on ``device``."""
     m = read_manifest(path, KIND, RERUN)
     p = Path(path)
+    device = _serving_device(device)
     if m["format"] == "torch.export":
         inner = exported_on(torch.export.load(p / "student.pt2"), device)
     else:
         inner = torch.jit.load(p / "student.ts", map_location=device)
     block = int(m.get("user_block", 0))  # artifacts from before the GPU block keep the CPU one there too
     return BlockedTopK(inner, block, int(m.get("gpu_user_block", block))), m
+
+
+def _serving_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device; a clear error for a CUDA device this machine does not have."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"serving device {device} asked for, but torch sees no CUDA device on this machine "
+                         "(export and load with device=cpu here)")
+    return device
 
 
 def exported_on(ep: torch.export.ExportedProgram, device: str | torch.device) -> nn.Module:

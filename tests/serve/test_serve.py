@@ -199,6 +199,12 @@ def test_export_roundtrip_and_id_maps(run, tmp_path):
     moved, _ = load_exported(out, device="meta")
     assert devices(moved) == {"meta"}
     assert moved(torch.arange(7, device="meta"))[1].shape == (7, 10)
+    if not torch.cuda.is_available():  # asking for a GPU this machine lacks fails early, saying so
+        with pytest.raises(ValueError, match="no CUDA device"):
+            load_exported(out, device="cuda")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            export_student(ck, tmp_path / "gpu", device="cuda")
+        assert not (tmp_path / "gpu").exists()
     import pyarrow.parquet as pq
 
     im = pq.read_table(out / "item_map.parquet").to_pandas()
