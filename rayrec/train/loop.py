@@ -257,6 +257,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     torch.manual_seed(tc.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     sharded = cfg.model.sharding != "none"
+    sync = None  # the row-sparse gradient sync's state, when DDP uses it (train.grad_sync=rows)
     model = build_model(cfg.model.name, pd.num_users, pd.num_items, cfg.model.dim, cfg.model.init_std, sharded=sharded,
                         layers=cfg.model.layers, graph=(pd.train_user, pd.train_item))
     # [distill] the method (with its own parameters) and the frozen teacher, still sharded over these workers
@@ -279,6 +280,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
     else:
         # [ray] wrap in DDP (gloo on CPU, nccl on GPU) and move to this worker's device
         task = ray.train.torch.prepare_model(task) if world > 1 else task.to(device)
+        if world > 1 and tc.grad_sync == "rows":
+            from rayrec.train.grad_sync import RowSparseState, row_sparse_hook, table_parameters
+
+            tables = table_parameters(task.module)
+            if tables:  # [ray] DDP ships only the table rows each step touched
+                sync = RowSparseState(tables)
+                task.register_comm_hook(sync, row_sparse_hook)
         model = task.module.model if hasattr(task, "module") else task.model
         dense_params = list(task.parameters())  # student + the method's parameters (experts, selection nets)
         weights = DenseWeights(model, method)
@@ -345,6 +353,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             method_epoch_start(method, teacher, model, epoch, tc.seed, pd.num_users, evald, device)
         sums: dict[str, float] = {}
         rows, steps = 0, 0
+        synced = dict(sync.stats) if sync is not None else None
         task.train()
         # [ray] this worker's shard, re-streamed and locally shuffled every epoch
         for batch in epoch_batches(shard, tc, per_worker_batch, epoch):
@@ -396,6 +405,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             # each distillation term (weighted, as added to the loss) per training row, e.g. train/kd/de
             **{f"train/{k}": v / max(rows, 1) for k, v in term_sums.items() if k != "base"},
             **(method.epoch_metrics() if method is not None else {}),
+            # row-sparse gradient sync: table rows each rank sent per step (padded), and tables that fell back to dense
+            **({"train/sync_rows_per_step": (sync.stats["rows"] - synced["rows"]) / max(steps / world, 1),
+                "train/sync_dense_tables": sync.stats["dense"] - synced["dense"]} if sync is not None else {}),
             "train/rows_per_s": rows / max(train_s, 1e-9),
             "time/train_s": train_s,
             "time/eval_s": eval_s,
