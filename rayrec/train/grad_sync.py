@@ -8,7 +8,8 @@ exchanges only the touched rows of each table and all-reduces the rest of the bu
 1. per table gradient ``g [N, D]`` in the bucket, the rows with any non-zero entry (an untouched row's gradient is
    exactly zero, so leaving it out changes no sum);
 2. one ``all_gather`` of every rank's row counts together with up to ``C`` of its rows and their ids, ``C`` the
-   table's capacity (the last step's largest count + 25%, so the usual step needs this one collective);
+   table's capacity (the last step's largest count + 25%, so the usual step needs this one collective); the
+   training loop's per-step "loss not finite" flag rides along, saving its own all-reduce;
 3. with the counts, every rank takes the same path for each table: the sparse sum when the largest count ``R``
    satisfies ``world * R <= N`` (each rank then receives ``(W - 1) R (D + 1)`` values, at most about half of a
    ring all-reduce's ``2 (W - 1) / W * N D``), summing the gathered rows with ``index_add_`` in rank order (a
@@ -43,12 +44,21 @@ class RowSparseState:
     in ``tables`` take the row-sparse path, every other one keeps the dense all-reduce. ``capacity`` holds, per
     table, the rows each rank sends blind with the counts (from the last step's largest count, +25%); ``stats``
     counts the tables each path took (steps x tables), the rows exchanged and the steps that needed a second
-    gather, for tests and logs."""
+    gather, for tests and logs. A table that took the dense path ``give_up_after`` steps in a row (a dense LightGCN
+    student's tables, which every step touches whole) leaves the row-sparse path for good, so its bucket no longer
+    gathers the counts (every rank drops it at the same step: they see the same counts)."""
 
-    def __init__(self, tables: list[nn.Parameter], group=None):
+    def __init__(self, tables: list[nn.Parameter], group=None, give_up_after: int = 8):
         self.tables = {id(p) for p in tables}
         self.group = group
+        self.give_up_after = give_up_after
         self.capacity: dict[int, int] = {}
+        self.dense_streak: dict[int, int] = {}
+        # a per-step float the caller sets before backward (the training loop: 1.0 when this rank's loss is not
+        # finite); the first bucket that gathers counts also gathers it, and sets ``flag_sum`` to its sum over ranks
+        # (None: no bucket gathered this step; the caller resets it)
+        self.flag = 0.0
+        self.flag_sum: float | None = None
         self.stats = {"sparse": 0, "dense": 0, "rows": 0, "regathers": 0}
 
 
@@ -68,9 +78,12 @@ def row_sparse_hook(state: RowSparseState, bucket: dist.GradBucket) -> torch.fut
         rows = [(g.abs().sum(1) != 0).nonzero().squeeze(1) for g in gs]  # [R_t] per table
         caps = [state.capacity.get(k, 0) for k in keys]
         counts = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=buf.device)  # [T]
-        # one gather: every rank's counts, and up to caps[t] rows of each table
-        got = _gather(torch.cat([counts.view(torch.float32), _pack(gs, rows, caps)]), world, group)
+        flag = torch.tensor([state.flag], dtype=torch.float32, device=buf.device)
+        # one gather: every rank's counts and flag, and up to caps[t] rows of each table
+        got = _gather(torch.cat([counts.view(torch.float32), flag, _pack(gs, rows, caps)]), world, group)
         top = got[:, :len(gs)].contiguous().view(torch.int32).max(0).values.tolist()  # [T] largest count
+        if state.flag_sum is None:
+            state.flag_sum = float(got[:, len(gs)].sum())
         limit = [g.shape[0] // world for g in gs]  # more rows than this: the dense all-reduce moves less
         keep = [j for j in range(len(gs)) if top[j] <= limit[j]]
         late = [j for j in keep if top[j] > caps[j]]  # sent truncated: gather these tables again, whole
@@ -78,7 +91,7 @@ def row_sparse_hook(state: RowSparseState, bucket: dist.GradBucket) -> torch.fut
             again = _gather(_pack([gs[j] for j in late], [rows[j] for j in late], [top[j] for j in late]), world,
                             group)
             state.stats["regathers"] += 1
-        sources = _layout(got, len(gs), [gs[j].shape[1] for j in range(len(gs))], caps)
+        sources = _layout(got, len(gs) + 1, [gs[j].shape[1] for j in range(len(gs))], caps)
         if late:
             redo = _layout(again, 0, [gs[j].shape[1] for j in late], [top[j] for j in late])
             sources.update({j: redo[n] for n, j in enumerate(late)})
@@ -91,6 +104,9 @@ def row_sparse_hook(state: RowSparseState, bucket: dist.GradBucket) -> torch.fut
             state.stats["rows"] += top[j]
         for j, k in enumerate(keys):
             state.capacity[k] = 0 if top[j] > limit[j] else min(limit[j], top[j] + (top[j] + 3) // 4)
+            state.dense_streak[k] = state.dense_streak.get(k, 0) + 1 if top[j] > limit[j] else 0
+            if state.dense_streak[k] >= state.give_up_after:
+                state.tables.discard(k)
         sparse = [picked[j] for j in keep]
         state.stats["sparse"] += len(keep)
         state.stats["dense"] += len(gs) - len(keep)

@@ -371,12 +371,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
                     os._exit(1)  # a hard worker death (no exception, no clean-up): Ray Train restarts the group
                 loss = loss * float("nan")
                 terms = {**terms, "base": terms["base"] * float("nan")}
+            loss_bad = float(tc.check_finite and not bool(torch.isfinite(loss)))
+            if sync is not None:
+                sync.flag, sync.flag_sum = loss_bad, None
             loss.backward()  # sharded tables are updated here by their fused optimizer
             if tc.check_finite:
                 # the loss on this rank, then the (all-reduced) dense gradients; the flags are summed over ranks so
-                # every rank stops at the same step or none does (a rank leaving alone would hang the others)
-                bad = [float(not bool(torch.isfinite(loss))), float(optim is not None and not grads_finite(dense_params))]
-                if world > 1:
+                # every rank stops at the same step or none does (a rank leaving alone would hang the others). With
+                # the row-sparse sync the loss flags came with its gather, and the synced gradients are the same on
+                # every rank: no collective of its own
+                bad = [loss_bad, float(optim is not None and not grads_finite(dense_params))]
+                if world > 1 and sync is not None and sync.flag_sum is not None:
+                    bad[0] = sync.flag_sum
+                elif world > 1:
                     bad = _allreduce_sum(bad)
                 if bad[0] or bad[1]:
                     error = _nonfinite(rank, world, epoch, state["step"], "loss" if bad[0] else "gradient", terms)

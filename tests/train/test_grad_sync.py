@@ -29,19 +29,21 @@ class _Net(nn.Module):
 # rows a rank a step: the first step's counts find no capacity (a second gather), the second fits the capacity
 # (16 + 25%), the third outgrows it (a second gather)
 SIZES = (16, 8, 48)
-CASES = [(25.0, -1), (0.01, -1), (25.0, 1)]  # (bucket_cap_mb: one bucket for all / one per parameter, NaN rank)
+# (bucket_cap_mb: one bucket for all / one per parameter, NaN rank, steps of dense fallback before a table leaves
+# the row-sparse path)
+CASES = [(25.0, -1, 8), (0.01, -1, 2), (25.0, 1, 8)]
 
 
-def _run(rank: int, cap: float, nan_rank: int) -> dict:
+def _run(rank: int, cap: float, nan_rank: int, give_up: int) -> dict:
     torch.manual_seed(0)
     ref, rows = _Net(), _Net()
     rows.load_state_dict(ref.state_dict())
     ref, rows = DDP(ref, bucket_cap_mb=cap), DDP(rows, bucket_cap_mb=cap)
-    hook = RowSparseState(table_parameters(rows))
+    hook = RowSparseState(table_parameters(rows), give_up_after=give_up)
     rows.register_comm_hook(hook, row_sparse_hook)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ref, rows)]
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
-    grads = []
+    grads, flags = [], []
     for step, b in enumerate(SIZES):
         u, i = torch.randint(0, USERS, (b,), generator=g), torch.randint(0, ITEMS, (b,), generator=g)
         for m, opt in zip((ref, rows), opts):
@@ -49,11 +51,13 @@ def _run(rank: int, cap: float, nan_rank: int) -> dict:
             loss = m(u, i)
             if step == 2 and rank == nan_rank:
                 loss = loss * float("nan")
+            hook.flag, hook.flag_sum = float(not torch.isfinite(loss)), None  # rides on the first gather
             loss.backward()
             opt.step()
+        flags.append(hook.flag_sum)
         grads.append({n: (a.grad.clone(), b.grad.clone()) for (n, a), (_, b) in
                       zip(ref.module.named_parameters(), rows.module.named_parameters())})
-    return {"grads": grads, "stats": hook.stats,
+    return {"grads": grads, "stats": hook.stats, "flags": flags,
             "params": {n: (a.detach(), b.detach()) for (n, a), (_, b) in
                        zip(ref.module.named_parameters(), rows.module.named_parameters())}}
 
@@ -61,7 +65,7 @@ def _run(rank: int, cap: float, nan_rank: int) -> dict:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.save([_run(rank, cap, nan_rank) for cap, nan_rank in CASES], f"{out}.{rank}")
+    torch.save([_run(rank, *case) for case in CASES], f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -71,7 +75,7 @@ def test_row_sparse_sync_equals_dense_allreduce(tmp_path, spawn):
     spawn(_worker, lambda port: (2, port, out))
     for rank in (0, 1):
         cases = torch.load(f"{out}.{rank}")
-        for (cap, nan_rank), res in zip(CASES, cases):
+        for (cap, nan_rank, give_up), res in zip(CASES, cases):
             steps = res["grads"] if nan_rank < 0 else res["grads"][:2]
             for step in steps:
                 for n, (a, b) in step.items():
@@ -79,9 +83,10 @@ def test_row_sparse_sync_equals_dense_allreduce(tmp_path, spawn):
             if nan_rank < 0:
                 for n, (a, b) in res["params"].items():
                     assert torch.equal(a, b), (cap, rank, n)
-                # users and items (<= 48 of 300 / 5000 rows a rank) went sparse; `wide` (all 40 rows) went dense
+                # users and items (<= 48 of 300 / 5000 rows a rank) went sparse; `wide` (all 40 rows) went dense,
+                # and after `give_up` such steps left the row-sparse path
                 st = res["stats"]
-                assert st["sparse"] == 2 * 3 and st["dense"] == 3, st
+                assert st["sparse"] == 2 * 3 and st["dense"] == min(3, give_up), st
                 assert 0 < st["rows"] <= 2 * sum(SIZES) and st, st
                 # steps 1 and 3 gathered again (once per bucket holding a table: DDP re-buckets after step 1)
                 assert st["regathers"] == 2 if cap > 1 else 2 <= st["regathers"] <= 4, st
@@ -89,6 +94,8 @@ def test_row_sparse_sync_equals_dense_allreduce(tmp_path, spawn):
                 for n, (a, b) in res["grads"][2].items():
                     assert torch.isfinite(a).all() == torch.isfinite(b).all(), (rank, n)
                 assert not torch.isfinite(res["grads"][2]["items.weight"][1]).all()
+            # the loss flags summed over ranks, as the training loop reads them instead of its own all-reduce
+            assert res["flags"] == [0.0, 0.0, 1.0 if nan_rank >= 0 else 0.0], res["flags"]
 
 
 def test_table_parameters_skips_frozen_and_sparse():
