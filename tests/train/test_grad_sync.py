@@ -34,18 +34,24 @@ SIZES = (16, 8, 48)
 CASES = [(25.0, -1, 8), (0.01, -1, 2), (25.0, 1, 8)]
 
 
+# gloo on CPU; nccl where 2 GPUs are visible (one per rank)
+GPU = torch.cuda.device_count() >= 2
+
+
 def _run(rank: int, cap: float, nan_rank: int, give_up: int) -> dict:
+    dev = torch.device(f"cuda:{rank}" if GPU else "cpu")
     torch.manual_seed(0)
-    ref, rows = _Net(), _Net()
+    ref, rows = _Net().to(dev), _Net().to(dev)
     rows.load_state_dict(ref.state_dict())
-    ref, rows = DDP(ref, bucket_cap_mb=cap), DDP(rows, bucket_cap_mb=cap)
+    ids = [rank] if GPU else None
+    ref, rows = DDP(ref, bucket_cap_mb=cap, device_ids=ids), DDP(rows, bucket_cap_mb=cap, device_ids=ids)
     hook = RowSparseState(table_parameters(rows), give_up_after=give_up)
     rows.register_comm_hook(hook, row_sparse_hook)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ref, rows)]
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
     grads, flags = [], []
     for step, b in enumerate(SIZES):
-        u, i = torch.randint(0, USERS, (b,), generator=g), torch.randint(0, ITEMS, (b,), generator=g)
+        u, i = torch.randint(0, USERS, (b,), generator=g).to(dev), torch.randint(0, ITEMS, (b,), generator=g).to(dev)
         for m, opt in zip((ref, rows), opts):
             opt.zero_grad()
             loss = m(u, i)
@@ -55,16 +61,18 @@ def _run(rank: int, cap: float, nan_rank: int, give_up: int) -> dict:
             loss.backward()
             opt.step()
         flags.append(hook.flag_sum)
-        grads.append({n: (a.grad.clone(), b.grad.clone()) for (n, a), (_, b) in
+        grads.append({n: (a.grad.cpu(), b.grad.cpu()) for (n, a), (_, b) in
                       zip(ref.module.named_parameters(), rows.module.named_parameters())})
     return {"grads": grads, "stats": hook.stats, "flags": flags,
-            "params": {n: (a.detach(), b.detach()) for (n, a), (_, b) in
+            "params": {n: (a.detach().cpu(), b.detach().cpu()) for (n, a), (_, b) in
                        zip(ref.module.named_parameters(), rows.module.named_parameters())}}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if GPU:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if GPU else "gloo", rank=rank, world_size=world)
     torch.save([_run(rank, *case) for case in CASES], f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
