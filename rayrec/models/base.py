@@ -77,6 +77,33 @@ def reduce(x: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"unknown reduction {reduction!r} (sum | mean)")
 
 
+class _BatchedDot(torch.autograd.Function):
+    """``s[b, c] = <u[b], v[b, c]>`` with a backward that avoids ``einsum``'s: its gradient for ``v`` is a batched
+    outer product, which ``einsum`` runs as a ``bmm`` with an inner size of 1, slow on CPU. Here it is one broadcast
+    multiply, and the gradients are bit-equal to ``einsum``'s (tested). RRD's lists, ``[830, 80]`` x D 20, one
+    thread, CPU time of gather + score + loss, forward and backward: ~9.5 -> ~8 ms."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor) -> Tensor:  # u [B, D], v [B, C, D]
+        ctx.save_for_backward(u, v)
+        return torch.einsum("bd,bcd->bc", u, v)  # [B, C]: einsum's forward, so the values stay bit-equal to it
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:  # g [B, C]
+        u, v = ctx.saved_tensors
+        gu = torch.bmm(g.unsqueeze(1), v).squeeze(1) if ctx.needs_input_grad[0] else None  # [B, D]
+        gv = g.unsqueeze(2) * u.unsqueeze(1) if ctx.needs_input_grad[1] else None  # [B, C, D]
+        return gu, gv
+
+
+def batched_dot(u: Tensor, v: Tensor) -> Tensor:
+    """``u`` ``[B, D]``, ``v`` ``[B, C, D]`` -> ``[B, C]`` dot products (``einsum("bd,bcd->bc")``, faster backward;
+    the plain ``einsum`` when the dtypes differ, e.g. under autocast)."""
+    if u.dtype != v.dtype or torch.is_autocast_enabled(u.device.type):
+        return torch.einsum("bd,bcd->bc", u, v)
+    return _BatchedDot.apply(u, v)
+
+
 class Table(nn.Embedding):
     """``nn.Embedding`` looked up with ``index_select``: the same rows and the same gradient, but backward is one
     ``index_add_`` into the ``[rows, D]`` gradient instead of ``embedding_dense_backward`` (which sorts the ids):

@@ -7,11 +7,10 @@ Parameters: (U + I) · D.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayrec.models.base import Recommender, Table, reduce
+from rayrec.models.base import Recommender, Table, batched_dot, reduce
 from rayrec.topk import dot_scores
 
 
@@ -46,7 +45,7 @@ class BPR(Recommender):
     def score(self, users: Tensor, items: Tensor) -> Tensor:
         u = self.user_emb(users)  # [B, D]
         v = self.item_emb(items)  # [B, C, D]
-        return torch.einsum("bd,bcd->bc", u, v)  # [B, C]
+        return batched_dot(u, v)  # [B, C]
 
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
         return dot_scores(self.user_emb(users), self.item_emb.weight.T)  # [B, I]
@@ -54,5 +53,5 @@ class BPR(Recommender):
     def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
         u = self.user_emb(users)  # [B, D]
         s_pos = (u * self.item_emb(pos)).sum(-1, keepdim=True)  # [B, 1]
-        s_neg = torch.einsum("bd,bnd->bn", u, self.item_emb(neg))  # [B, N]
+        s_neg = batched_dot(u, self.item_emb(neg))  # [B, N]
         return reduce(-F.logsigmoid(s_pos - s_neg), reduction)  # −log σ(s_ui − s_uj), Rendle Eq. (BPR-Opt)

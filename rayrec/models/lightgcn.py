@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayrec.models.base import Recommender, Table, reduce
+from rayrec.models.base import Recommender, Table, batched_dot, reduce
 from rayrec.topk import dot_scores
 
 
@@ -131,7 +131,7 @@ class LightGCN(Recommender):
 
     def score(self, users: Tensor, items: Tensor) -> Tensor:
         U, I = self.propagate()
-        return torch.einsum("bd,bcd->bc", U[users], I[items])  # [B, C]
+        return batched_dot(U[users], I[items])  # [B, C]
 
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
         U, I = self.propagate()
