@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rayrec.keys import unique_keys
 from rayrec.train.sampling import NegativeSampler
 
 
@@ -46,7 +47,7 @@ class Uninteresting:
         keep = topn >= 0
         users = np.concatenate([t_users, n_users[keep]])
         items = np.concatenate([np.asarray(train_indices), topn[keep]])
-        keys = np.unique(users.astype(np.int64) * num_items + items)  # dedupe (a top-N item is never a train item)
+        keys = unique_keys(users.astype(np.int64) * num_items + items)  # dedupe (a top-N item is never a train item)
         u, i = keys // num_items, keys % num_items
         indptr = np.zeros(U + 1, dtype=np.int64)
         np.cumsum(np.bincount(u, minlength=U), out=indptr[1:])

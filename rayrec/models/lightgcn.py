@@ -33,18 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rayrec.keys import unique_keys
 from rayrec.models.base import Recommender, Table, batched_dot, reduce
 from rayrec.topk import dot_scores
 
 
 def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> Tensor:
     """:math:`D^{-1/2} A D^{-1/2}` of the bipartite graph as a sparse COO ``[U + I, U + I]`` (duplicates merged)."""
-    keys = np.unique(np.asarray(users, dtype=np.int64) * num_items + np.asarray(items, dtype=np.int64))
+    keys = unique_keys(np.asarray(users, dtype=np.int64) * num_items + np.asarray(items, dtype=np.int64))
     u, i = keys // num_items, keys % num_items
     n = num_users + num_items
-    deg = np.zeros(n, dtype=np.float64)
-    np.add.at(deg, u, 1.0)
-    np.add.at(deg, num_users + i, 1.0)
+    deg = (np.bincount(u, minlength=n) + np.bincount(num_users + i, minlength=n)).astype(np.float64)  # [U + I]
     inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-12)), 0.0)
     w = inv[u] * inv[num_users + i]
     rows = np.concatenate([u, num_users + i])

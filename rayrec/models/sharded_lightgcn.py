@@ -59,6 +59,7 @@ from torchrec import EmbeddingCollection, KeyedJaggedTensor
 
 from rayrec.distributed import all_gather_stack
 from rayrec.distributed import world as _world
+from rayrec.keys import unique_keys
 from rayrec.models.base import Recommender, reduce
 from rayrec.models.lightgcn import SpMM
 from rayrec.models.sharded import _embed, _tables
@@ -151,7 +152,7 @@ class ShardedLightGCN(Recommender):
     # ------------------------------------------------------------------------------------------- graph, layout
     def set_graph(self, users: np.ndarray, items: np.ndarray, layers: int | None = None) -> None:
         """The train interactions to propagate over (duplicates merged); the column block is built lazily."""
-        keys = np.unique(np.asarray(users, dtype=np.int64) * self.num_items + np.asarray(items, dtype=np.int64))
+        keys = unique_keys(np.asarray(users, dtype=np.int64) * self.num_items + np.asarray(items, dtype=np.int64))
         self._edges = (keys // self.num_items, keys % self.num_items)  # [E] unique (user, item) edges
         if layers is not None:
             if layers < 0:
