@@ -65,6 +65,7 @@ from rayrec.distill.lists import rank_discounted
 from rayrec.distill.losses import gumbel_softmax
 from rayrec.distill.nkd import MeanProjector
 from rayrec.errors import ConfigError
+from rayrec.models.base import batched_dot
 
 
 @dataclass
@@ -287,7 +288,7 @@ class CPD(DistillMethod):
         def scores(e_i: Tensor, p_i: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
             """Items ``[U_b, C, D]`` (or ``[B, C, D]`` with ``rows`` ``[B]`` -> unique users) -> r, r̂ ``[., C]``."""
             eu, pu = (e_u, p_u) if rows is None else (e_u[rows], p_u[rows])
-            return torch.einsum("bd,bcd->bc", eu, e_i), torch.einsum("bd,bcd->bc", pu, p_i)
+            return batched_dot(eu, e_i), batched_dot(pu, p_i)
 
         groups: dict[str, Tensor] = {}  # the item sets the regularisers compare, projected together
         pair_rows = None
