@@ -20,9 +20,9 @@ def _cfg(tmp, *overrides):
 
 def test_killed_worker_restarts_from_its_checkpoint_and_the_run_repeats(ray_session, prepared, tmp_path):
     run = ["train.max_epochs=4", "ray.num_workers=2", "train.patience=10", "eval.full=true", "eval.full_ks=[10]"]
-    # run a syncs the embedding gradients with DDP's dense all-reduce, run k (below) only the rows each step touched
-    # (train.grad_sync=rows, the default): with 2 workers the gradients are bit-equal, so the runs must repeat
-    a = fit(_cfg(tmp_path / "a", *run, "train.grad_sync=dense"), prepared=prepared)
+    # run a syncs the embedding gradients with DDP's dense all-reduce (the default), run k (below) only the rows each
+    # step touched (train.grad_sync=rows): with 2 workers the gradients are bit-equal, so the runs must repeat
+    a = fit(_cfg(tmp_path / "a", *run), prepared=prepared)
     assert a["resumed_at"] == [] and a["world_size"] == 2 and a["epochs_run"] == 4
     assert "train/sync_rows_per_step" not in a["history"][0]
     # 2 DDP workers learn: random ranking gives H@10 = 10/100, a few epochs of BPR on ML-100K are far above it
@@ -46,8 +46,8 @@ def test_killed_worker_restarts_from_its_checkpoint_and_the_run_repeats(ray_sess
     # restart from the last registered checkpoint and the run finishes its 4 epochs
     per_epoch = a["steps"] // 4  # ML-100K: ~51k train rows, 512 per step -> ~100 steps an epoch
     fault = 3 * per_epoch + per_epoch // 2
-    k = fit(_cfg(tmp_path / "k", *run, f"train.fault_step={fault}", "train.fault_rank=1", "train.max_failures=1"),
-            prepared=prepared)
+    k = fit(_cfg(tmp_path / "k", *run, f"train.fault_step={fault}", "train.fault_rank=1", "train.max_failures=1",
+                 "train.grad_sync=rows"), prepared=prepared)
     marker = Path(k["run_dir"]) / ".fault_injected"
     assert marker.read_text().startswith(f"rank 1 exited at step {fault}")
     assert len(k["resumed_at"]) == 1 and 1 <= k["resumed_at"][0] <= 3, k["resumed_at"]
