@@ -73,6 +73,7 @@ class RRD(DistillMethod):
         self.uninteresting = Uninteresting(train_indptr, train_indices, topn, num_items) if cfg.L else None
         self.inter = self.topn[:, : cfg.K].clone()  # [U, K]
         self.unint = torch.zeros(U, cfg.L, dtype=torch.int64)  # [U, L]
+        self.lists = torch.cat([self.inter, self.unint], dim=1)  # [U, K + L] each user's list, interesting first
 
     def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
         U, N = self.topn.shape
@@ -83,15 +84,14 @@ class RRD(DistillMethod):
             self.inter = self.topn.gather(1, ranks)
         if self.uninteresting is not None:
             self.unint = self.uninteresting.sample(torch.arange(U), c.L, generator)
+        self.lists = torch.cat([self.inter, self.unint], dim=1)
 
     def losses(self, *, batch: DistillBatch, student: nn.Module, teacher: TeacherAnswer | None,
                reduction: str = "sum") -> dict[str, torch.Tensor]:
         if self.cfg.lambda_rrd == 0:
             return {}
         users = batch.uniq_users
-        u_cpu = users.cpu()
-        inter = self.inter[u_cpu].to(users.device)  # [U_b, K]
-        items = inter if self.cfg.L == 0 else torch.cat([inter, self.unint[u_cpu].to(users.device)], dim=1)
+        items = self.lists.index_select(0, users.cpu()).to(users.device)  # [U_b, K + L] (one gather, not two + cat)
         scores = student.score(users, items)  # [U_b, K + L]
         nll = relaxed_ranking_nll(scores[:, : self.cfg.K], scores[:, self.cfg.K:])  # [U_b]
         return {"kd/rrd": self.cfg.lambda_rrd * reduce_terms(nll, reduction)}

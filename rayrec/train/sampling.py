@@ -52,12 +52,17 @@ class NegativeSampler:
         """``n`` negatives per user: ``users`` ``[B]`` -> ``[B, n]`` item ids."""
         users = users.to(torch.int64).cpu()
         neg = torch.randint(0, self.num_items, (users.shape[0], n), generator=generator)  # [B, n]
+        flat = neg.view(-1)  # [B·n] (neg is contiguous)
+        bad = torch.nonzero(self.contains(users, neg).view(-1)).flatten()  # [nbad] flat positions, row-major
+        owner = users.repeat_interleave(n) if len(bad) else users  # [B·n] the user of each position
         for _ in range(self.max_rounds):
-            bad = self.contains(users, neg)
-            nbad = int(bad.sum())
-            if nbad == 0:
+            if len(bad) == 0:
                 return neg
-            neg[bad] = torch.randint(0, self.num_items, (nbad,), generator=generator)
+            # redraw the rejected positions in row-major order, then test only those: the same draws and the same
+            # result as testing the whole [B, n] block again (RRD's 5,220 x 40 uninteresting items over the 2.7M
+            # train + top-500 keys: 100 -> 25 ms per epoch)
+            flat[bad] = torch.randint(0, self.num_items, (len(bad),), generator=generator)
+            bad = bad[self.contains(owner[bad], flat[bad].unsqueeze(1)).view(-1)]
         raise RuntimeError(f"negative sampling did not converge in {self.max_rounds} rounds (users too dense?)")
 
     def sample_distinct(self, users: Tensor, n: int, generator: torch.Generator) -> Tensor:

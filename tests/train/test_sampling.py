@@ -41,3 +41,27 @@ def test_user_with_every_item_is_refused():
     indptr, indices = _csr({0: [0, 1, 2]}, 1)
     with pytest.raises(ValueError, match="user 0"):
         NegativeSampler(indptr, indices, num_items=3)
+
+
+def _resample_all(s, users, n, gen):
+    """The sampler's first form: every round tests the whole [B, n] block again."""
+    neg = torch.randint(0, s.num_items, (users.shape[0], n), generator=gen)
+    while True:
+        bad = s.contains(users, neg)
+        if not bad.any():
+            return neg
+        neg[bad] = torch.randint(0, s.num_items, (int(bad.sum()),), generator=gen)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_retesting_only_redrawn_positions_gives_the_same_draws(n):
+    # dense users (most draws rejected, many rounds) and empty ones
+    rng = np.random.default_rng(n)
+    rows = {u: rng.choice(30, int(rng.integers(0, 29)), replace=False) for u in range(40)}
+    indptr, indices = _csr(rows, 40)
+    s = NegativeSampler(indptr, indices, num_items=30)
+    users = torch.as_tensor(rng.integers(0, 40, 200))
+    for seed in range(5):
+        got = s.sample(users, n, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, _resample_all(s, users, n, torch.Generator().manual_seed(seed)))
+        assert not s.contains(users, got).any()
