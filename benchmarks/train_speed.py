@@ -15,7 +15,8 @@ for ``--epochs`` measured epochs after one warm-up epoch, trained three ways:
 Two result files:
 
 - ``throughput.json``: interactions/s per row; ``extra.ray_vs_plain_per_core_ratio`` = (Ray rows/s / workers)
-  / plain rows/s (target >= 0.8).
+  / plain rows/s (target >= 0.8); ``extra.data_wait_s``: of a measured epoch, the seconds rank 0's loop waited for
+  its next batch (``time/data_wait_s``, the Ray Data side of the gap).
 - ``method_cost.json``: per method, the 1-worker epoch time / the student-alone epoch time
   (``extra.epoch_ratio``; targets DE <= 6, RRD <= 2), and ``full_eval``: the full-ranking evaluation of every user
   (test split, Recall/NDCG@20, 1 thread) / one student-alone epoch (``extra.eval_vs_student_epoch_ratio``, target
@@ -139,13 +140,16 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                     progress=lambda m: None)
             hist = [{"rows": h["train/rows_per_s"] * h["time/train_s"], "s": h["time/train_s"]} for h in s["history"]]
             r_s, r_ep = _rate(hist)
+            measured = s["history"][1:] or s["history"]  # as _rate: the first epoch is a warm-up
+            wait = sum(h.get("time/data_wait_s", 0.0) for h in measured) / len(measured)  # rank 0's
             ratio = (r_s / max(w, 1)) / plain_rate
             print(f"[speed] {method} ray x{w}: {r_s:,.0f} rows/s ({r_ep:.2f} s/epoch), per core {ratio:.2f}x plain",
                   flush=True)
             tput.append({"label": f"{method}_ray_w{w}", "model": "bpr", "method": method, "dim": 20, "world_size": w,
                          "timing": {"rows_per_s": round(r_s, 1), "epoch_s": round(r_ep, 4)},
                          "extra": {"threads_per_worker": 1, "epochs": args.epochs,
-                                   "ray_vs_plain_per_core_ratio": round(ratio, 4)}})
+                                   "ray_vs_plain_per_core_ratio": round(ratio, 4),
+                                   "data_wait_s": round(wait, 4)}})
             if w == min(w for w in args.workers if w > 0):
                 epoch_s[method] = r_ep
                 if method == "none":  # the full evaluation of every user with this student, 1 thread
@@ -203,11 +207,11 @@ def _full_eval(model, prepared, cfg, device) -> dict:
 
 
 def _md_throughput(rows: list[dict]) -> str:
-    lines = ["| row | rows/s | epoch s | Ray per core / plain |", "|---|---|---|---|"]
+    lines = ["| row | rows/s | epoch s | Ray per core / plain | of which waiting for data s |", "|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["extra"].get("ray_vs_plain_per_core_ratio")
+        ratio, wait = r["extra"].get("ray_vs_plain_per_core_ratio"), r["extra"].get("data_wait_s")
         lines.append(f"| {r['label']} | {r['timing']['rows_per_s']:,.0f} | {r['timing']['epoch_s']:.3f} | "
-                     f"{'' if ratio is None else f'{ratio:.3f}'} |")
+                     f"{'' if ratio is None else f'{ratio:.3f}'} | {'' if wait is None else f'{wait:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -119,6 +119,10 @@ class TrainConfig:
     shuffle_buffer: int = 16_384  # rows of the worker-side shuffle buffer (shuffle=blocks)
     materialize: bool = True  # keep the train rows in Ray's object store across epochs (False: re-read parquet)
     read_blocks: int = 64  # blocks the materialised train rows are cut into (unit of block-order shuffling)
+    # start the next epoch's stream (Ray Data's per-epoch start-up and its first chunk) in a background thread when
+    # an epoch's training ends, so it overlaps the evaluation and reporting instead of delaying the next epoch
+    # (CiteULike, 1 worker: ~0.15 of a ~0.45 s student epoch went to that start-up). Same rows, same order
+    prefetch_epoch: bool = True
     # splits up to this size (MiB of parquet) are read by the driver and put into the object store directly; larger
     # ones are read by Ray Data tasks across the cluster
     driver_read_mb: float = 256.0

@@ -175,7 +175,7 @@ def latest_checkpoint(cfg: ExperimentConfig, since: str | None = None) -> Path:
 
 def config_fingerprint(cfg: ExperimentConfig | dict) -> str:
     """What a run trains: its whole config but where it runs and what it is called (``ray.*``, ``storage_root``,
-    ``name``) and the fault-injection/retry keys, which do not change what is trained.
+    ``name``), the fault-injection/retry keys and ``train.prefetch_epoch``, which do not change what is trained.
 
     Only the values that differ from the current defaults count, so an option added later with a default that keeps
     the old behaviour leaves the runs made before it resumable (their recorded configs lack the key); a value that
@@ -183,7 +183,7 @@ def config_fingerprint(cfg: ExperimentConfig | dict) -> str:
     d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else cfg.to_dict(), default=str))
     for k in ("ray", "storage_root", "name"):
         d.pop(k, None)
-    for k in ("fault_step", "fault_rank", "fault_kind", "max_failures"):
+    for k in ("fault_step", "fault_rank", "fault_kind", "max_failures", "prefetch_epoch"):
         d.get("train", {}).pop(k, None)
     return hashlib.sha256(json.dumps(_beside_defaults(d, _default_config()), sort_keys=True).encode()).hexdigest()[:16]
 

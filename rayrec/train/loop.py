@@ -203,6 +203,59 @@ def epoch_batches(shard, tc, per_worker_batch: int, epoch: int):
         yield {"user": torch.from_numpy(np.ascontiguousarray(carry_u)), "item": torch.from_numpy(np.ascontiguousarray(carry_i))}
 
 
+class _Prefetched:
+    """The iterator ``make()`` started in a background thread now: the thread takes its first item (for an epoch's
+    batches: Ray Data's start-up of the epoch's stream and its first chunk); iterating joins the thread, yields that
+    item, then the rest in the caller's thread. Errors surface when iterated."""
+
+    def __init__(self, make, epoch: int) -> None:
+        import threading
+
+        self.epoch, self._box = epoch, {}
+
+        def run() -> None:
+            try:
+                self._box["it"] = iter(make())
+                self._box["first"] = next(self._box["it"])
+            except StopIteration:
+                pass
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the consuming thread
+                self._box["error"] = e
+
+        self._thread = threading.Thread(target=run, name=f"rayrec-epoch-{epoch}-prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        if "first" in self._box:
+            yield self._box["first"]
+            yield from self._box["it"]
+
+
+class _Waited:
+    """An iterator's items, with the seconds spent waiting in ``next()`` summed in ``wait_s`` (the train loop's data
+    wait: when it is a large share of an epoch, the loader, not the model, bounds the epoch) and the wait for the
+    first item in ``first_s`` (a stream's start-up)."""
+
+    def __init__(self, it) -> None:
+        self.it, self.wait_s, self.first_s = iter(it), 0.0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            waited = time.perf_counter() - t0
+            self.wait_s += waited
+            if self.first_s is None:
+                self.first_s = waited
+
+
 def ingest_loop_per_worker(config: dict) -> dict:
     """The train loop's data path alone (benchmarks/data_path.py): ``epochs`` epochs of :func:`epoch_batches`,
     touching every batch, with no model; returns each epoch's rows and seconds on this rank."""
@@ -345,6 +398,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                f"workers={world} batch/worker={per_worker_batch} threads/worker={threads}")
 
     error = None  # set when a non-finite loss or gradient stops the run (every rank agrees on it)
+    nxt = None  # the next epoch's batches, started in the background (train.prefetch_epoch)
     while state["epoch"] < tc.max_epochs and state["bad_epochs"] < tc.patience:
         epoch = state["epoch"]
         gen = epoch_generator(tc.seed, epoch, rank)
@@ -355,8 +409,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
         rows, steps = 0, 0
         synced = dict(sync.stats) if sync is not None else None
         task.train()
-        # [ray] this worker's shard, re-streamed and locally shuffled every epoch
-        for batch in epoch_batches(shard, tc, per_worker_batch, epoch):
+        # [ray] this worker's shard, re-streamed and locally shuffled every epoch (its start possibly prefetched
+        # during the last epoch's evaluation)
+        source = nxt if nxt is not None and nxt.epoch == epoch else epoch_batches(shard, tc, per_worker_batch, epoch)
+        nxt = None
+        batches = _Waited(source)
+        for batch in batches:
             users = batch["user"]  # [B]
             loss, terms = step_loss(task, method, teacher, sampler, users, batch["item"], tc.num_negatives, gen,
                                     device)
@@ -399,6 +457,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             _log(rank, f"[train] stopped: {error}")
             break
         train_s = time.perf_counter() - t0
+        if tc.prefetch_epoch and epoch + 1 < tc.max_epochs:  # [ray] the next epoch's stream starts during the eval
+            nxt = _Prefetched(lambda e=epoch + 1: epoch_batches(shard, tc, per_worker_batch, e), epoch + 1)
         names = sorted(sums) if sums else ["base"]
         totals = _allreduce_sum([sums.get(k, 0.0) for k in names] + [rows, steps])
         rows, steps = totals[-2], totals[-1]
@@ -417,6 +477,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 "train/sync_dense_tables": sync.stats["dense"] - synced["dense"]} if sync is not None else {}),
             "train/rows_per_s": rows / max(train_s, 1e-9),
             "time/train_s": train_s,
+            "time/data_wait_s": batches.wait_s,  # of train_s: this rank waiting for its next batch (Ray Data)
+            "time/data_first_s": batches.first_s or 0.0,  # of that, the wait for the epoch's first batch
             "time/eval_s": eval_s,
         })
         value = metrics.get(tc.monitor)
