@@ -39,6 +39,7 @@ __all__ = [
     "sampled_ranks",
     "sampled_metrics",
     "full_ranking_metrics",
+    "HeldoutRanker",
     "masked_topk",
     "chunk_size_for",
     "select_csr_rows",
@@ -345,23 +346,104 @@ def _full_ranking_block(
     mask_indptr: Tensor | None,
     mask_indices: Tensor | None,
 ) -> dict[str, Tensor]:
-    num_rows, num_items = scores.shape
-    truth, valid = _check_truth(truth, num_rows, num_items, scores.device)
-    if truth.shape[1] <= COUNT_MAX_HELDOUT:
-        pairs = _mask_pairs(num_rows, num_items, scores.device, mask, mask_indptr, mask_indices)
+    ranker = HeldoutRanker(scores.shape[1], truth, mask, mask_indptr=mask_indptr, mask_indices=mask_indices,
+                           device=scores.device, num_rows=scores.shape[0])
+    return full_metrics_from_positions(*ranker.positions(scores, 0, max(ks)), ks)
+
+
+class HeldoutRanker:
+    """Pessimistic full-ranking positions of a fixed list of ``B`` users' held-out items, ranked block by block.
+
+    Everything that does not depend on the scores is done once, here: the held-out ids are checked (in ``[0, I)``,
+    none twice in a row), the exclusions become unique ``(row, item)`` pairs sorted by row, and no held-out item may
+    be excluded. Ranking a block of rows (:meth:`positions`) then costs only its passes over the block's scores, so
+    an evaluation that scores all users in cache-sized blocks pays these steps once instead of once per block
+    (:func:`rayrec.eval.evaluate.evaluate`). :func:`full_ranking_metrics` is this class on a single block. The
+    held-out items are kept as a CSR and padded per block, so one user with many held-out items widens only its
+    block.
+
+    Args:
+        num_items: ``I``.
+        truth: the held-out item ids, ``[B, H]`` padded with ``-1`` (anywhere in a row; tied held-out items are
+            ordered by column), or a CSR pair ``(indptr [B + 1], indices [nnz])`` (ordered as listed).
+        mask: the exclusions, as :func:`full_ranking_metrics` takes them (bool ``[B, I]``, CSR pair or ``None``;
+            ``mask_indptr``/``mask_indices`` as keywords).
+        device: where the blocks' scores will be (default: ``truth``'s device).
+        num_rows: ``B`` (default: ``truth``'s rows).
+    """
+
+    def __init__(self, num_items: int, truth: Tensor | tuple[Tensor, Tensor], mask: Mask = None, *,
+                 mask_indptr: Tensor | None = None, mask_indices: Tensor | None = None,
+                 device: torch.device | str | None = None, num_rows: int | None = None) -> None:
+        if isinstance(truth, (tuple, list)):
+            if len(truth) != 2:
+                raise ValueError("a CSR truth must be an (indptr, indices) pair")
+            t_ptr, t_idx = (torch.as_tensor(x) for x in truth)
+            device = torch.device(device) if device is not None else t_idx.device
+            num_rows = t_ptr.numel() - 1 if num_rows is None else num_rows
+            t_ptr, t_idx = t_ptr.to(device=device, dtype=torch.int64), t_idx.to(device=device, dtype=torch.int64)
+            t_len = t_ptr[1:] - t_ptr[:-1]
+            if t_ptr.dim() != 1 or t_ptr.numel() != num_rows + 1 or int(t_ptr[0]) != 0 or bool((t_len < 0).any()) \
+                    or t_idx.dim() != 1 or int(t_ptr[-1]) != t_idx.numel():
+                raise ValueError(f"a CSR truth needs indptr [B + 1] = [{num_rows + 1}] from 0, non-decreasing, "
+                                 f"ending at len(indices); got {tuple(t_ptr.shape)} and {tuple(t_idx.shape)}")
+            t_row = torch.repeat_interleave(torch.arange(num_rows, device=device), t_len)
+            if t_idx.numel() and (int(t_idx.min()) < 0 or int(t_idx.max()) >= num_items):
+                raise ValueError(f"truth ids must lie in [0, {num_items}), got [{int(t_idx.min())}, {int(t_idx.max())}]")
+            key = t_row * num_items + t_idx
+            if torch.unique(key).numel() != key.numel():
+                srt = key.sort().values
+                r = int(srt[1:][srt[1:] == srt[:-1]][0]) // num_items
+                raise ValueError(f"truth row {r} lists a held-out item twice: {t_idx[t_ptr[r]:t_ptr[r + 1]].tolist()}")
+        else:
+            truth = torch.as_tensor(truth)
+            device = torch.device(device) if device is not None else truth.device
+            num_rows = truth.shape[0] if num_rows is None else num_rows
+            truth, valid = _check_truth(truth, num_rows, num_items, device)  # [B, H]
+            t_row, t_col = valid.nonzero().T  # row-major: each row's held-out items in column order
+            t_idx, t_len = truth[t_row, t_col], valid.sum(dim=1)
+        self.num_rows, self.num_items = num_rows, num_items
+        self.t_len = t_len  # [B] held-out items per row
+        self.t_ptr = [0] + torch.cumsum(t_len, 0).tolist()  # [B + 1]
+        self.t_row, self.t_idx = t_row, t_idx  # [nnz_t]
+        self.t_col = torch.arange(t_idx.numel(), device=device) - torch.repeat_interleave(  # column in the row
+            torch.tensor(self.t_ptr[:-1], dtype=torch.int64, device=device), t_len)
+        pairs = _mask_pairs(num_rows, num_items, device, mask, mask_indptr, mask_indices)
         if pairs is not None and pairs.dtype == torch.bool:
             pairs = pairs.nonzero().T  # [2, nnz]
-        pairs = _unique_pairs(pairs, num_items, truth, valid)
-        pos = _heldout_positions_by_count(scores, pairs, truth, valid, max(ks))
-        return full_metrics_from_positions(pos, valid, ks)
-    exclude = _build_mask(num_rows, num_items, scores.device, mask, mask_indptr, mask_indices)
-    if exclude is not None and truth.numel():
-        hit = exclude.gather(1, truth.clamp(min=0)) & valid
-        if bool(hit.any()):
-            r, c = (int(x) for x in hit.nonzero()[0])
-            _masked_heldout_error(r, int(truth[r, c]))
-    pos = _heldout_positions(scores, exclude, truth, valid, max(ks))
-    return full_metrics_from_positions(pos, valid, ks)
+        # unique, sorted by row then item; raises if a held-out item is excluded
+        self.pairs = _unique_pairs(pairs, num_items, t_row * num_items + t_idx)
+        self.indptr = ([0] * (num_rows + 1) if self.pairs is None else  # [B + 1] row r's pairs: indptr[r]:indptr[r+1]
+                       torch.searchsorted(self.pairs[0], torch.arange(num_rows + 1, device=device)).tolist())
+
+    def truth(self, start: int, b: int) -> Tensor:
+        """``[b, H_b]`` held-out ids of rows ``start .. start + b`` padded with ``-1`` (``H_b`` >= 1: the block's
+        largest count)."""
+        lo, hi = self.t_ptr[start], self.t_ptr[start + b]
+        width = max(1, int(self.t_len[start : start + b].max())) if b and hi > lo else 1
+        out = torch.full((b, width), -1, dtype=torch.int64, device=self.t_idx.device)
+        out[self.t_row[lo:hi] - start, self.t_col[lo:hi]] = self.t_idx[lo:hi]
+        return out
+
+    def positions(self, scores: Tensor, start: int, kmax: int) -> tuple[Tensor, Tensor]:
+        """``(positions [b, H_b] int64, valid [b, H_b] bool)`` of rows ``start .. start + b`` from their scores
+        ``[b, I]``: positions beyond ``kmax`` reported as ``kmax + 1``, garbage where ``valid`` is False (padding).
+        For :func:`full_metrics_from_positions`."""
+        b = scores.shape[0]
+        if scores.shape[1] != self.num_items or not 0 <= start <= start + b <= self.num_rows:
+            raise ValueError(f"a block of rows [{start}, {start + b}) x {scores.shape[1]} items does not fit "
+                             f"{self.num_rows} rows x {self.num_items} items")
+        truth = self.truth(start, b).to(scores.device)
+        valid = truth >= 0
+        p0, p1 = self.indptr[start], self.indptr[start + b]
+        pairs = None if p1 == p0 else torch.stack([self.pairs[0, p0:p1] - start, self.pairs[1, p0:p1]])  # [2, n]
+        if truth.shape[1] <= COUNT_MAX_HELDOUT:
+            return _heldout_positions_by_count(scores, pairs, truth, valid, kmax), valid
+        exclude = None
+        if pairs is not None:
+            exclude = torch.zeros(b, self.num_items, dtype=torch.bool, device=scores.device)
+            exclude[pairs[0], pairs[1]] = True
+        return _heldout_positions(scores, exclude, truth, valid, kmax), valid
 
 
 def _masked_heldout_error(row: int, item: int) -> None:
@@ -371,14 +453,13 @@ def _masked_heldout_error(row: int, item: int) -> None:
     )
 
 
-def _unique_pairs(pairs: Tensor | None, num_items: int, truth: Tensor, valid: Tensor) -> Tensor | None:
-    """Excluded ``(row, item)`` pairs ``[2, nnz]`` without duplicates; raises if one is a held-out item."""
+def _unique_pairs(pairs: Tensor | None, num_items: int, t_key: Tensor) -> Tensor | None:
+    """Excluded ``(row, item)`` pairs ``[2, nnz]`` without duplicates, sorted by row then item; raises if one is a
+    held-out item (``t_key``: ``row * I + item`` of every held-out item, in row order)."""
     if pairs is None or pairs.shape[1] == 0:
         return None
     key = torch.unique(pairs[0] * num_items + pairs[1])  # sorted
-    if truth.numel():
-        rows = torch.arange(truth.shape[0], device=truth.device).unsqueeze(1).expand_as(truth)
-        t_key = (rows * num_items + truth)[valid]
+    if t_key.numel():
         hit = torch.isin(t_key, key)
         if bool(hit.any()):
             k = int(t_key[hit][0])

@@ -516,3 +516,44 @@ def test_counted_positions_equal_the_top_k_path_over_a_wide_catalogue(monkeypatc
     assert 0 < float(counted["Recall@1000"].mean()) < 1
     for k in top_k:
         torch.testing.assert_close(counted[k], top_k[k], equal_nan=True, msg=k)
+
+
+@pytest.mark.parametrize("block", [1, 4, 12])
+def test_heldout_ranker_blocks_with_csr_truth_match_brute_force(block):
+    """Ranked block by block against exclusions and held-out items checked once (as evaluate() does), with the
+    held-out items as a CSR: blocks of different widths (one row holds 6 held-out items, so only its block takes the
+    top-k path), the same metrics as the brute force over the whole matrix."""
+    from rayrec.eval.metrics import HeldoutRanker, full_metrics_from_positions
+
+    g = torch.Generator().manual_seed(7)
+    B, I = 12, 15
+    scores = torch.randint(0, 4, (B, I), generator=g).double()  # many ties
+    scores[torch.rand(B, I, generator=g) < 0.05] = float("nan")
+    truth = torch.full((B, 6), -1)
+    mask = torch.zeros(B, I, dtype=torch.bool)
+    for b in range(B):
+        perm = torch.randperm(I, generator=g)
+        n_gt = 6 if b == 5 else int(torch.randint(0, 3, (1,), generator=g))
+        truth[b, :n_gt] = perm[:n_gt]
+        mask[b, perm[6 : 6 + int(torch.randint(0, 6, (1,), generator=g))]] = True
+    scores[mask] = 9.0  # an exclusion left in would rank above every held-out item
+    ks = [1, 3, 10]
+    want = _brute_full(scores, mask, truth, ks)
+    valid = truth >= 0
+    t_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), valid.sum(1).cumsum(0)])
+    ranker = HeldoutRanker(I, (t_ptr, truth[valid]), mask)
+    got, widths = {k: [] for k in want}, set()
+    for start in range(0, B, block):
+        pos, v = ranker.positions(scores[start : start + block], start, max(ks))
+        widths.add(pos.shape[1])
+        for k, x in full_metrics_from_positions(pos, v, ks).items():
+            got[k].append(x)
+    assert (6 in widths) and (block == B or len(widths) > 1)
+    for k in want:
+        torch.testing.assert_close(torch.cat(got[k]).double(), want[k], equal_nan=True, msg=k)
+    with pytest.raises(ValueError, match="lists a held-out item twice"):
+        HeldoutRanker(I, (T([0, 2, 2]), T([3, 3])), None)
+    with pytest.raises(ValueError, match="held-out item 3 of row 1 is masked out"):
+        HeldoutRanker(I, (T([0, 0, 1]), T([3])), (T([0, 1, 3]), T([3, 0, 3])))
+    with pytest.raises(ValueError, match="does not fit"):
+        ranker.positions(scores[:3], B - 2, 10)
