@@ -412,9 +412,12 @@ class HeldoutRanker:
         if pairs is not None and pairs.dtype == torch.bool:
             pairs = pairs.nonzero().T  # [2, nnz]
         # unique, sorted by row then item; raises if a held-out item is excluded
-        self.pairs = _unique_pairs(pairs, num_items, t_row * num_items + t_idx)
-        self.indptr = ([0] * (num_rows + 1) if self.pairs is None else  # [B + 1] row r's pairs: indptr[r]:indptr[r+1]
-                       torch.searchsorted(self.pairs[0], torch.arange(num_rows + 1, device=device)).tolist())
+        pairs = _unique_pairs(pairs, num_items, t_row * num_items + t_idx)
+        self.indptr = ([0] * (num_rows + 1) if pairs is None else  # [B + 1] row r's pairs: indptr[r]:indptr[r+1]
+                       torch.searchsorted(pairs[0], torch.arange(num_rows + 1, device=device)).tolist())
+        # kept for every evaluation: int32 where ids fit (half the memory of the train CSR's int64 pairs)
+        small = max(num_rows, num_items) < 2**31
+        self.pairs = pairs if pairs is None or not small else pairs.to(torch.int32)  # [2, nnz]
 
     def truth(self, start: int, b: int) -> Tensor:
         """``[b, H_b]`` held-out ids of rows ``start .. start + b`` padded with ``-1`` (``H_b`` >= 1: the block's
@@ -436,7 +439,7 @@ class HeldoutRanker:
         truth = self.truth(start, b).to(scores.device)
         valid = truth >= 0
         p0, p1 = self.indptr[start], self.indptr[start + b]
-        pairs = None if p1 == p0 else torch.stack([self.pairs[0, p0:p1] - start, self.pairs[1, p0:p1]])  # [2, n]
+        pairs = None if p1 == p0 else (self.pairs[:, p0:p1].long() - torch.tensor([[start], [0]], device=scores.device))
         if truth.shape[1] <= COUNT_MAX_HELDOUT:
             return _heldout_positions_by_count(scores, pairs, truth, valid, kmax), valid
         exclude = None

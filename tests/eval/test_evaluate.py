@@ -84,6 +84,24 @@ def test_full_ranking_on_cpu_caps_the_score_block_and_keeps_the_metrics(monkeypa
     assert capped == pytest.approx(whole)
 
 
+def test_one_eval_data_serves_every_split_user_set_and_weight_change():
+    """EvalData keeps the checked held-out items and exclusions between evaluations (a run evaluates every epoch):
+    after the weights change, and between splits and user sets, each result equals a fresh EvalData's."""
+    pd = _tiny(seed=3)
+    keep = pd.test_user % 4 != 0  # a quarter of the users without a test item
+    pd.test_user, pd.test_item = pd.test_user[keep], pd.test_item[keep]
+    model = BPR(pd.num_users, pd.num_items, 4, init_std=1.0)
+    data = EvalData.from_prepared(pd)
+    for step in range(2):
+        for split in ("valid", "test"):
+            for who in ("skip", "zero"):
+                cfg = EvalConfig(sampled=False, full_ks=[5, 10], users_without_truth=who)
+                assert evaluate(model, data, split, cfg) == evaluate(model, EvalData.from_prepared(pd), split, cfg)
+        with torch.no_grad():  # a training step
+            model.item_emb.weight.add_(torch.randn_like(model.item_emb.weight))
+    assert len(data._rankers) == 2  # one per split, rebuilt when the user set changes
+
+
 def test_constant_model_scores_zero():
     pd = _tiny()
     model = BPR(pd.num_users, pd.num_items, 4)
