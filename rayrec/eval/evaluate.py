@@ -36,12 +36,13 @@ from rayrec.models.base import Recommender, shared_forward
 from rayrec.topk import block_topk, dot_scores
 
 # Full ranking on a CPU: the budget of one chunk's score block is at most this many MiB, whatever
-# eval.memory_budget_mb allows, so the scores (8 MiB, with the 4x overhead of chunk_size_for) stay in the last-level
-# cache between the GEMM and the ranking passes. CiteULike-t (5,220 users x 25,182 items, d=20, test split):
-# 0.68 s with 256 MiB blocks, 0.32 s with 32 MiB (16 MiB: 0.32 s, 48 MiB: 0.47 s) at one thread; 0.42 -> 0.22 s at
-# two. A larger block goes out to main memory and back, and each fresh one is paged in again (one GEMM's 16.7 MB
-# output: 100 ms freshly allocated vs 37 ms into a reused buffer, one thread, a loaded machine).
-CPU_FULL_BLOCK_MB = 32
+# eval.memory_budget_mb allows, so the scores (4 MiB, with the 4x overhead of chunk_size_for) stay in the last-level
+# cache between the GEMM and the ranking passes. CiteULike-t (5,220 users x 25,182 items, d=20, test split, one
+# thread): with the checks done once per evaluation (EvalData.ranker), blocks of 8 / 16 / 32 MiB took 0.26-0.28 /
+# 0.26-0.27 / 0.32-0.33 s beside three training streams, where the former per-block checks made 32 MiB the best
+# (0.40 s; 16 MiB 0.46 s). A larger block goes out to main memory and back (256 MiB: 0.68 s before); a smaller one
+# pays the per-block ops more often (2 MiB: 0.49 s beside one stream).
+CPU_FULL_BLOCK_MB = 16
 
 
 @dataclass
