@@ -24,8 +24,8 @@ from rayrec.distributed import all_gather_stack as _gather
 from rayrec.distributed import all_reduce as _allreduce
 from rayrec.distributed import world as _dist_world
 from rayrec.eval.metrics import (
-    chunk_size_for,
     HeldoutRanker,
+    chunk_size_for,
     full_metrics_from_positions,
     positions_from_top,
     sampled_metrics,
