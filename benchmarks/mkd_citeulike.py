@@ -73,7 +73,12 @@ CPD_LIGHTGCN = ["distill.cpd.lambda_c=0.005", "distill.cpd.regularizer=list", "d
 # seeds: test NDCG@20 0.0079, below the student alone; results/superseded/htd_lambda_0.5/), while a probe at λ 1e-3
 # (seed 0, capped at 100 epochs, results/mkd_probes/) reached 0.0149.
 HTD_CITEULIKE = ["distill.htd.lambda_htd=0.001"]
-TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): SLD_BPR + CPD_BPR_MKD, ("bpr", "cpd"): CPD_BPR_MKD,
+# MKD's own weights for BPR: λ_N x λ_C searched on valid with SLD and CPD as above (configs/tune/mkd_weights_2.yaml,
+# results/tune_mkd_weights_2/): λ_N 0.5 (NKD's default), λ_C 0.01 (valid NDCG@10 0.0396 against 0.0392 for the
+# former λ_C 0.05 and 0.0392 for SLD alone). The cpd row keeps the authors' λ_C 0.05.
+MKD_BPR = SLD_BPR + [o for o in CPD_BPR_MKD if not o.startswith("distill.cpd.lambda_c=")] + [
+    "distill.cpd.lambda_c=0.01", "distill.nkd.lambda_n=0.5"]
+TUNED = {("bpr", "sld"): SLD_BPR, ("bpr", "mkd"): MKD_BPR, ("bpr", "cpd"): CPD_BPR_MKD,
          ("bpr", "htd"): HTD_CITEULIKE, ("lightgcn", "htd"): HTD_CITEULIKE,
          ("lightgcn", "sld"): SLD_LIGHTGCN, ("lightgcn", "mkd"): SLD_LIGHTGCN + CPD_LIGHTGCN,
          ("lightgcn", "cpd"): CPD_LIGHTGCN}
