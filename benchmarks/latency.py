@@ -11,6 +11,9 @@ and batch size (1, 64, 1024 users), the p50/p90/p99 wall time of one top-20 call
 - ``naive``: the student's scores as one ``[B, I]`` matmul and one ``torch.topk`` (the serving path before user
   blocks and the two-level block top-k), kept as the before/after reference.
 
+Where the fused CPU kernel builds (:mod:`rayrec.kernels`, a C++ compiler), teacher and student both serve through it
+(``extra.teacher_fused`` / ``extra.student_fused``); elsewhere through the blocked GEMM + two-level top-k.
+
 Latency depends on the shapes only, so the tables hold N(0, 0.1) weights unless ``--teacher-checkpoint`` /
 ``--student-checkpoint`` name trained runs (their shapes replace the CiteULike ones). One row per catalogue and
 batch: ``timing`` has every p50/p90/p99, ``extra.latency_ratio`` the student/teacher p50 (the headline; target
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> Path:
                           "p99_ratio": round(timing["student_p99_ms"] / timing["teacher_p99_ms"], 4),
                           "naive_ratio": round(timing["naive_p50_ms"] / timing["teacher_p50_ms"], 4),
                           "student_format": "torch.export", "student_user_block": student.block_for(device),
+                          "teacher_fused": bool(getattr(teacher.inner, "fused", False)),
+                          "student_fused": any(n.target is torch.ops.rayrec.dot_topk.default
+                                               for n in student.inner.graph.nodes),
                           "same_top_k_as_naive": same, "repeats": reps, "device": args.device,
                           "threads": torch.get_num_threads(),
                           "weights": "trained" if ckpts[0] or ckpts[1] else "random N(0, 0.1)",

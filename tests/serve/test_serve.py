@@ -140,10 +140,14 @@ def test_grouped_chunked_blocked_topk_equals_one_topk(item_chunk):
     assert i[0].tolist() == [271, 205, 139, 73, 7] and int(i[1, 0]) == 529 and float(v[1, 0]) == 9.0
 
 
-def test_serving_blocks_narrow_tables_smaller_and_splits_batches_evenly():
-    # a narrow (d < 64) dot model is bound by its score traffic: 6 MiB blocks; a wide one 16 MiB
+def test_serving_blocks_narrow_tables_smaller_and_splits_batches_evenly(monkeypatch):
+    # without the fused kernel (no C++ compiler): a narrow (d < 64) dot model is bound by its score traffic: 6 MiB
+    # blocks; a wide one 16 MiB
+    from rayrec import serve
     from rayrec.models import BPR
     from rayrec.serve import serving_module
+
+    monkeypatch.setattr(serve, "fused_serving", lambda: False)
 
     assert serving_module(BPR(4, 25_182, 20)).block == 62
     assert serving_module(BPR(4, 25_182, 200)).block == 166
@@ -176,19 +180,34 @@ def test_a_wide_table_over_many_items_exports_for_any_batch_size():
         assert torch.equal(items, want.indices)
 
 
-def test_export_roundtrip_and_id_maps(run, tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_export_roundtrip_and_id_maps(run, tmp_path, monkeypatch, fused):
+    # fused: the exported graph calls torch.ops.rayrec.dot_topk (rayrec.kernels) over every item; else (no C++
+    # compiler) it scores in item chunks and user blocks
+    from rayrec import kernels, serve
+
+    if fused and kernels.native() is None:
+        pytest.skip(f"the fused kernel did not build: {kernels.native_error()}")
+    monkeypatch.setattr(serve, "fused_serving", lambda: fused)
     ck, model, pd = run
     out = export_student(ck, tmp_path / "exported", k=10)
     module, m = load_exported(out)
     assert m["num_parameters"] == (pd.num_users + pd.num_items) * 8 and m["k"] == 10
     assert m["format"] == "torch.export", m["export_fallback_reason"]
     assert (module.block, module.gpu_block) == (m["user_block"], m["gpu_user_block"])
-    assert m["gpu_user_block"] >= m["user_block"] > 0
+    assert m["fused_topk"] is fused
+    calls = [n for n in module.inner.graph.nodes if n.target is torch.ops.rayrec.dot_topk.default]
+    assert len(calls) == fused
+    assert m["gpu_user_block"] >= m["user_block"] > 0 if not fused else m["user_block"] == 0
     users = torch.arange(7)
     scores, items = module(users)
     with torch.no_grad():
         want = model.score_all(users).topk(10, dim=1)
     assert torch.equal(items, want.indices) and scores.shape == (7, 10)
+    if fused:  # the op moves with the graph (off the CPU it runs matmul + top-k); "meta" stands in for a GPU
+        moved, _ = load_exported(out, device="meta")
+        assert moved(torch.arange(7, device="meta"))[1].shape == (7, 10)
+        return
 
     # loaded onto another device, the tensors the graph creates (the block top-k's arange) move too; module.to()
     # leaves them on the CPU (a CUDA batch then fails). "meta" stands in for a GPU here.

@@ -1,0 +1,262 @@
+// Fused dot-product top-k on CPU: the k best items of every query row, scored q . v over all items, without
+// writing the [B, I] score matrix. Built on first use by rayrec/kernels.py (torch.utils.cpp_extension).
+//
+// queries [B, D] float32, keys_t [D, I] float32 (items as columns, the layout rayrec.serve.TopK keeps),
+// k <= I  ->  values [B, k] float32 best first, ids [B, k] int64; ties go to the lower item id.
+//
+// Why: a narrow product (a d=20 student) costs D multiply-adds per score, so a GEMM + top-k is bound by writing the
+// [B, I] scores and reading them back. Here each 4-user x 64-item tile of scores lives in 16 vector registers:
+// it is compared with each user's current k-th best and only the few scores above it leave the registers.
+//
+// Layout of the work: threads split the users; a thread takes up to kUserBlock users at a time and walks the items
+// in chunks whose keys (D x chunk floats) fit the L2 cache, so the keys are read from memory once per user block.
+// Each user keeps its k best in a small sorted array (insertion: a user sees about k ln(I / k) insertions).
+// Scores are sums over d in order 0..D-1 with fused multiply-adds: they may differ from a BLAS GEMM's in the last
+// bits, as two BLAS builds do.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kUsers = 4;         // users per register tile
+constexpr int kItems = 64;        // items per register tile (4 x 16 floats)
+constexpr int64_t kUserBlock = 256;  // users sharing one pass over the item chunks
+constexpr int64_t kL2Bytes = 512 * 1024;  // key bytes per item chunk
+
+struct Best {  // one user's k best so far, best first
+  float* v;
+  int64_t* id;
+  int k;
+  int n = 0;
+  float thr = -std::numeric_limits<float>::infinity();  // the k-th best once full: a score must beat it
+
+  void push(float s, int64_t j) {  // only called with s > thr
+    int p = n < k ? n++ : k - 1;
+    while (p > 0 && v[p - 1] < s) {  // equal values stay ahead: the lower id wins a tie
+      v[p] = v[p - 1];
+      id[p] = id[p - 1];
+      --p;
+    }
+    v[p] = s;
+    id[p] = j;
+    if (n == k) thr = v[k - 1];
+  }
+};
+
+// scores of users q[0..3] (rows of length D) x items [j, j + nt) of keys_t (row stride I) -> acc[u][t]
+inline void tile_generic(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int64_t j, int nt,
+                         float acc[kUsers][kItems]) {
+  for (int u = 0; u < kUsers; ++u)
+    for (int t = 0; t < kItems; ++t) acc[u][t] = 0.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = kt + d * I + j;
+    for (int u = 0; u < kUsers; ++u) {
+      const float a = q[u][d];
+      for (int t = 0; t < nt; ++t) acc[u][t] = std::fma(a, row[t], acc[u][t]);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// scores of users q[0..3] x items [j, j + 64) (kt points at column j; row stride I) into sc; all accumulators stay in
+// registers (16 zmm): each d loads 4 key vectors and broadcasts 4 query values for 16 FMAs. A short tile (Full =
+// false) loads its nt < 64 columns masked, zeros past them.
+template <bool Full>
+inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int nt,
+                        float sc[kUsers][kItems]) {
+  __mmask16 m[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+  if (!Full)
+    for (int b = 0; b < 4; ++b) {
+      const int n = std::max(0, std::min(16, nt - 16 * b));
+      m[b] = static_cast<__mmask16>((1u << n) - 1);
+    }
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00,
+         c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = kt + d * I;
+    __m512 k0, k1, k2, k3;
+    if (Full) {
+      k0 = _mm512_loadu_ps(row);
+      k1 = _mm512_loadu_ps(row + 16);
+      k2 = _mm512_loadu_ps(row + 32);
+      k3 = _mm512_loadu_ps(row + 48);
+    } else {
+      k0 = _mm512_maskz_loadu_ps(m[0], row);
+      k1 = _mm512_maskz_loadu_ps(m[1], row + 16);
+      k2 = _mm512_maskz_loadu_ps(m[2], row + 32);
+      k3 = _mm512_maskz_loadu_ps(m[3], row + 48);
+    }
+    __m512 s = _mm512_set1_ps(q0[d]);
+    c00 = _mm512_fmadd_ps(s, k0, c00); c01 = _mm512_fmadd_ps(s, k1, c01);
+    c02 = _mm512_fmadd_ps(s, k2, c02); c03 = _mm512_fmadd_ps(s, k3, c03);
+    s = _mm512_set1_ps(q1[d]);
+    c10 = _mm512_fmadd_ps(s, k0, c10); c11 = _mm512_fmadd_ps(s, k1, c11);
+    c12 = _mm512_fmadd_ps(s, k2, c12); c13 = _mm512_fmadd_ps(s, k3, c13);
+    s = _mm512_set1_ps(q2[d]);
+    c20 = _mm512_fmadd_ps(s, k0, c20); c21 = _mm512_fmadd_ps(s, k1, c21);
+    c22 = _mm512_fmadd_ps(s, k2, c22); c23 = _mm512_fmadd_ps(s, k3, c23);
+    s = _mm512_set1_ps(q3[d]);
+    c30 = _mm512_fmadd_ps(s, k0, c30); c31 = _mm512_fmadd_ps(s, k1, c31);
+    c32 = _mm512_fmadd_ps(s, k2, c32); c33 = _mm512_fmadd_ps(s, k3, c33);
+  }
+  _mm512_store_ps(sc[0], c00); _mm512_store_ps(sc[0] + 16, c01);
+  _mm512_store_ps(sc[0] + 32, c02); _mm512_store_ps(sc[0] + 48, c03);
+  _mm512_store_ps(sc[1], c10); _mm512_store_ps(sc[1] + 16, c11);
+  _mm512_store_ps(sc[1] + 32, c12); _mm512_store_ps(sc[1] + 48, c13);
+  _mm512_store_ps(sc[2], c20); _mm512_store_ps(sc[2] + 16, c21);
+  _mm512_store_ps(sc[2] + 32, c22); _mm512_store_ps(sc[2] + 48, c23);
+  _mm512_store_ps(sc[3], c30); _mm512_store_ps(sc[3] + 16, c31);
+  _mm512_store_ps(sc[3] + 32, c32); _mm512_store_ps(sc[3] + 48, c33);
+}
+#endif
+
+// users [u0, u1) against items [i0, i1): each user's k best into out_v / out_i (row u at u * k), best first; a row
+// with fewer than k finite scores is padded with -inf and id -1
+void rows(const float* Q, const float* kt, int64_t D, int64_t I, int k, int64_t u0, int64_t u1, int64_t i0,
+          int64_t i1, float* out_v, int64_t* out_i) {
+  const int64_t chunk = std::max<int64_t>(kItems, (kL2Bytes / (4 * std::max<int64_t>(D, 1))) / kItems * kItems);
+  std::vector<Best> best;
+  for (int64_t ub = u0; ub < u1; ub += kUserBlock) {
+    const int64_t ue = std::min(ub + kUserBlock, u1);
+    best.clear();
+    for (int64_t u = ub; u < ue; ++u) best.push_back(Best{out_v + u * k, out_i + u * k, k});
+    for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
+      const int64_t c1 = std::min(c0 + chunk, i1);
+      for (int64_t u = ub; u < ue; u += kUsers) {
+        const int nu = static_cast<int>(std::min<int64_t>(kUsers, ue - u));
+        const float* q[kUsers];
+        for (int a = 0; a < kUsers; ++a) q[a] = Q + (u + std::min(a, nu - 1)) * D;  // a short tile repeats a row
+        for (int64_t j = c0; j < c1; j += kItems) {
+          const int nt = static_cast<int>(std::min<int64_t>(kItems, c1 - j));
+#if defined(__AVX512F__)
+          alignas(64) float sc[kUsers][kItems];
+          if (nt == kItems)
+            tile_avx512<true>(q, kt + j, I, D, 0, sc);
+          else
+            tile_avx512<false>(q, kt + j, I, D, nt, sc);
+          for (int a = 0; a < nu; ++a) {
+            Best& bst = best[u - ub + a];
+            const __m512 thr = _mm512_set1_ps(bst.thr);
+            uint64_t hit = 0;
+            for (int b = 0; b < 4; ++b)
+              hit |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_load_ps(sc[a] + 16 * b), thr, _CMP_GT_OQ))
+                     << (16 * b);
+            if (nt < kItems) hit &= (uint64_t{1} << nt) - 1;
+            while (hit) {  // in item order; the threshold rises as items enter
+              const int t = __builtin_ctzll(hit);
+              hit &= hit - 1;
+              if (sc[a][t] > bst.thr) bst.push(sc[a][t], j + t);
+            }
+          }
+#else
+          float acc[kUsers][kItems];
+          tile_generic(q, kt, I, D, j, nt, acc);
+          for (int a = 0; a < nu; ++a) {
+            Best& bst = best[u - ub + a];
+            for (int t = 0; t < nt; ++t)
+              if (acc[a][t] > bst.thr) bst.push(acc[a][t], j + t);
+          }
+#endif
+        }
+      }
+    }
+    for (Best& bst : best)  // a NaN or -inf score never enters
+      for (; bst.n < k; ++bst.n) {
+        bst.v[bst.n] = -std::numeric_limits<float>::infinity();
+        bst.id[bst.n] = -1;
+      }
+  }
+}
+
+// merge T per-range lists of k (best first, ids ascending on ties within a list, lists in item order) into k
+void merge(int T, int64_t B, int k, const float* pv, const int64_t* pi, float* out_v, int64_t* out_i) {
+  std::vector<int> at(T);
+  for (int64_t u = 0; u < B; ++u) {
+    std::fill(at.begin(), at.end(), 0);
+    for (int r = 0; r < k; ++r) {
+      int pick = -1;
+      float bv = 0.f;
+      for (int t = 0; t < T; ++t) {  // the best head; on a tie the earlier list (lower ids)
+        if (at[t] >= k) continue;
+        const int64_t o = (t * B + u) * k + at[t];
+        if (pi[o] < 0) continue;
+        if (pick < 0 || pv[o] > bv) pick = t, bv = pv[o];
+      }
+      if (pick < 0) {
+        out_v[u * k + r] = -std::numeric_limits<float>::infinity();
+        out_i[u * k + r] = -1;
+        continue;
+      }
+      const int64_t o = (pick * B + u) * k + at[pick]++;
+      out_v[u * k + r] = pv[o];
+      out_i[u * k + r] = pi[o];
+    }
+  }
+}
+
+std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, const torch::Tensor& keys_t,
+                                                  int64_t k) {
+  TORCH_CHECK(queries.device().is_cpu() && keys_t.device().is_cpu(), "dot_topk: CPU tensors only");
+  TORCH_CHECK(queries.scalar_type() == torch::kFloat && keys_t.scalar_type() == torch::kFloat,
+              "dot_topk: float32 only");
+  TORCH_CHECK(queries.dim() == 2 && keys_t.dim() == 2 && queries.size(1) == keys_t.size(0),
+              "dot_topk: queries [B, D] and keys_t [D, I], got ", queries.sizes(), " and ", keys_t.sizes());
+  const int64_t B = queries.size(0), D = queries.size(1), I = keys_t.size(1);
+  TORCH_CHECK(k >= 1 && k <= I, "dot_topk: k must be in [1, ", I, "], got ", k);
+  auto Q = queries.contiguous();
+  auto KT = keys_t.contiguous();
+  auto values = torch::empty({B, k}, queries.options());
+  auto ids = torch::empty({B, k}, queries.options().dtype(torch::kLong));
+  const float* q = Q.data_ptr<float>();
+  const float* kt = KT.data_ptr<float>();
+  float* ov = values.data_ptr<float>();
+  int64_t* oi = ids.data_ptr<int64_t>();
+  const int kk = static_cast<int>(k);
+  const int T = at::get_num_threads();
+  if (T > 1 && B < 2 * kUsers * T && I >= 4 * kItems * T) {
+    // a few users: threads split the items, then their lists are merged (one user would leave a thread idle)
+    auto pv = torch::empty({T, B, k}, values.options());
+    auto pi = torch::empty({T, B, k}, ids.options());
+    float* pvp = pv.data_ptr<float>();
+    int64_t* pip = pi.data_ptr<int64_t>();
+    const int64_t span = (I / T + kItems - 1) / kItems * kItems;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        rows(q, kt, D, I, kk, 0, B, std::min(I, t * span), t == T - 1 ? I : std::min(I, (t + 1) * span),
+             pvp + t * B * k, pip + t * B * k);
+    });
+    merge(T, B, kk, pvp, pip, ov, oi);
+  } else {
+    // threads split the users evenly (grain kUsers): one range per thread
+    const int64_t per = std::max<int64_t>(kUsers, (B + T - 1) / T);
+    at::parallel_for(0, B, per, [&](int64_t b0, int64_t b1) { rows(q, kt, D, I, kk, b0, b1, 0, I, ov, oi); });
+  }
+  TORCH_CHECK(B == 0 || ids.min().item<int64_t>() >= 0,
+              "dot_topk: fewer than k finite scores for a row (non-finite embeddings?)");
+  return {values, ids};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dot_topk", &dot_topk, "top-k of queries @ keys_t per row, fused (CPU, float32)");
+  m.attr("avx512") = py::bool_(
+#if defined(__AVX512F__)
+      true
+#else
+      false
+#endif
+  );
+}

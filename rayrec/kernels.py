@@ -1,0 +1,95 @@
+"""Native CPU kernels, built on first use, behind torch ops that work without them.
+
+``torch.ops.rayrec.dot_topk(queries [B, D], keys_t [D, I], k) -> (values [B, k], ids [B, k])``: the ``k`` best
+items of every row of ``queries @ keys_t``, best first. On CPU (float32) it runs the fused kernel of
+``rayrec/csrc/dot_topk.cpp``, which never writes the ``[B, I]`` scores; anywhere else, or where the kernel cannot be
+built, it runs :func:`rayrec.topk.sorted_topk` over one matmul. Same values up to float summation order (the kernel
+adds the D products in order with FMAs, a BLAS GEMM in its own order); ties go to the lower item id in the kernel,
+in any order in the fallback.
+
+The op is a registered ``torch.library`` custom op, so ``torch.export`` keeps it as one node: an exported student
+(``rayrec.serve``) loads wherever ``rayrec`` imports, and runs the kernel where it can be built.
+
+The build (``torch.utils.cpp_extension.load``, needs a C++ compiler and ninja; about a minute) is cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and compiled for the machine it runs on
+(``-march=native``: AVX-512 where the CPU has it). ``RAYREC_NATIVE=0`` turns the kernel off (the fallback runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "dot_topk.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def native():
+    """The built extension module, or ``None`` where it is off (``RAYREC_NATIVE=0``) or cannot be built (the
+    reason is logged once, and kept in :func:`native_error`)."""
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" not in _state:
+            _state["module"], _state["error"] = _build()
+    return _state["module"]
+
+
+def native_error() -> str | None:
+    """Why :func:`native` is ``None`` (after a call to it), else ``None``."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _build():
+    if os.environ.get("RAYREC_NATIVE", "1") == "0":
+        return None, "RAYREC_NATIVE=0"
+    try:
+        import shutil
+
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the pip package's binary, when its venv's bin is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+        # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without it the kernel runs on one thread
+        module = cpp_extension.load(name="rayrec_dot_topk", sources=[str(_SOURCE)],
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                    verbose=False)
+        return module, None
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the fallback still serves
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        log.warning("rayrec: the native dot_topk kernel could not be built (%s); using matmul + top-k", reason)
+        return None, reason
+
+
+def uses_native(queries: Tensor, keys_t: Tensor) -> bool:
+    """Whether :func:`dot_topk` runs the fused kernel for these inputs."""
+    return (queries.device.type == "cpu" and keys_t.device.type == "cpu" and queries.dtype == torch.float32
+            and keys_t.dtype == torch.float32 and native() is not None)
+
+
+@torch.library.custom_op("rayrec::dot_topk", mutates_args=())
+def dot_topk(queries: Tensor, keys_t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top ``k`` of ``queries @ keys_t`` per row, best first: ``(values [B, k], ids [B, k] int64)``."""
+    if uses_native(queries, keys_t):
+        return native().dot_topk(queries, keys_t, k)
+    from rayrec.topk import sorted_topk
+
+    v, i = sorted_topk(queries @ keys_t, k)  # [B, I] -> [B, k]
+    return v.contiguous(), i.contiguous()
+
+
+@dot_topk.register_fake
+def _(queries: Tensor, keys_t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    B = queries.shape[0]
+    return queries.new_empty(B, k), queries.new_empty(B, k, dtype=torch.long)

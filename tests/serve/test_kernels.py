@@ -1,0 +1,153 @@
+"""The fused CPU top-k kernel (rayrec/csrc/dot_topk.cpp behind torch.ops.rayrec.dot_topk) against float64 brute
+force, its tie rule, its error path, and the exported serving graph that calls it."""
+
+import shutil
+
+import pytest
+import torch
+
+from rayrec import kernels
+from rayrec.kernels import dot_topk
+
+
+def _native():
+    if kernels.native() is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler is here but the kernel did not build: {kernels.native_error()}")
+        pytest.skip(f"no C++ compiler: {kernels.native_error()}")
+    return kernels.native()
+
+
+def _check(q, kt, k, values, ids):
+    """values are the k best of q @ kt per row, best first, and ids point at items that score them."""
+    exact = q.double() @ kt.double()  # [B, I]
+    want = exact.topk(k, dim=1).values  # [B, k]
+    torch.testing.assert_close(values.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exact.gather(1, ids), want, rtol=1e-5, atol=1e-5)
+    assert all(len(set(r)) == k for r in ids.tolist())  # no item twice
+    assert torch.all(values[:, :-1] >= values[:, 1:])  # best first
+
+
+@pytest.mark.parametrize("B,D,I,k", [(1, 20, 25_182, 20), (3, 6, 64, 5), (5, 1, 65, 1), (67, 20, 1_000, 20),
+                                     (9, 33, 63, 63), (6, 200, 9_000, 50), (300, 8, 40_000, 3)])
+def test_kernel_matches_float64_brute_force(B, D, I, k):
+    native = _native()
+    g = torch.Generator().manual_seed(B * 7919 + D * 31 + I)
+    q, kt = torch.randn(B, D, generator=g), torch.randn(D, I, generator=g)
+    values, ids = native.dot_topk(q, kt, k)
+    assert values.shape == ids.shape == (B, k) and ids.dtype == torch.long
+    _check(q, kt, k, values, ids)
+    # a non-contiguous keys_t (the transpose view serving keeps contiguous) gives the same answer
+    v2, i2 = native.dot_topk(q, kt.t().contiguous().t(), k)
+    assert torch.equal(values, v2) and torch.equal(ids, i2)
+
+
+@pytest.mark.parametrize("I,threads", [(100, 2), (3_000, 1), (3_000, 2), (3_000, 3)])
+def test_ties_go_to_the_lower_item_id(I, threads, monkeypatch):
+    native = _native()
+    # every item of a group scores the same: I items hold five values in shuffled positions. 2 users over 3,000
+    # items on 2-3 threads: the threads split the items and their lists are merged
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        level = torch.randperm(I, generator=g) % 5  # [I] in 0..4
+        kt = level.float().unsqueeze(0)  # [1, I]
+        q = torch.tensor([[1.0], [-1.0]])
+        values, ids = native.dot_topk(q, kt, 30)
+    finally:
+        torch.set_num_threads(before)
+    for row, sign in enumerate((1.0, -1.0)):
+        order = sorted(range(I), key=lambda j: (-sign * float(level[j]), j))[:30]
+        assert ids[row].tolist() == order
+        assert values[row].tolist() == [sign * float(level[j]) for j in order]
+
+
+def test_splitting_users_or_items_over_threads_gives_the_same_answer():
+    native = _native()
+    g = torch.Generator().manual_seed(1)
+    q, kt = torch.randn(13, 20, generator=g), torch.randn(20, 7_001, generator=g)
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2, 3):  # 13 users: one range on 1 thread, split by items on 2 and 3 (13 < 2 * 4 * T)
+            torch.set_num_threads(threads)
+            got[threads] = native.dot_topk(q, kt, 20)
+            got[threads, 1] = native.dot_topk(q[:1], kt, 20)
+    finally:
+        torch.set_num_threads(before)
+    for key in got:
+        assert torch.equal(got[key][0], got[1 if key in (1, 2, 3) else (1, 1)][0])
+        assert torch.equal(got[key][1], got[1 if key in (1, 2, 3) else (1, 1)][1])
+    _check(q, kt, 20, *got[2])
+
+
+def test_errors_are_clear():
+    native = _native()
+    with pytest.raises(RuntimeError, match="k must be in"):
+        native.dot_topk(torch.randn(2, 4), torch.randn(4, 10), 11)
+    with pytest.raises(RuntimeError, match="queries"):
+        native.dot_topk(torch.randn(2, 3), torch.randn(4, 10), 5)
+    kt = torch.randn(4, 10)
+    kt[:, 3:] = float("nan")  # 3 finite scores for k = 5
+    with pytest.raises(RuntimeError, match="fewer than k finite scores"):
+        native.dot_topk(torch.randn(2, 4), kt, 5)
+
+
+def test_the_op_runs_the_kernel_on_cpu_float32_and_matmul_topk_elsewhere(monkeypatch):
+    native = _native()
+    torch.manual_seed(0)
+    q, kt = torch.randn(40, 20), torch.randn(20, 3_000)
+    calls = []
+    monkeypatch.setattr(kernels, "native", lambda: calls.append(1) or native)
+    v, i = torch.ops.rayrec.dot_topk(q, kt, 20)
+    assert calls and torch.equal(i, native.dot_topk(q, kt, 20)[1])
+    # float64 inputs take the fallback (matmul + rayrec.topk.sorted_topk): same items, float64 values
+    v64, i64 = dot_topk(q.double(), kt.double(), 20)
+    assert v64.dtype == torch.float64 and torch.equal(i64, i)
+    torch.testing.assert_close(v64.float(), v, rtol=1e-5, atol=1e-5)
+    # and without a kernel the op still answers
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    vf, i_f = torch.ops.rayrec.dot_topk(q, kt, 20)
+    assert torch.equal(i_f, i)
+    torch.testing.assert_close(vf, v, rtol=1e-5, atol=1e-5)
+
+
+def test_a_narrow_student_exports_with_the_fused_op_and_serves_any_batch(tmp_path):
+    _native()
+    from rayrec.models import BPR
+    from rayrec.serve import serving_module
+
+    torch.manual_seed(0)
+    model = BPR(50, 5_000, 20, init_std=0.5)
+    module = serving_module(model, k=20)
+    assert module.inner.fused and module.block == 0  # one fused op, threads split the users
+    ep = torch.export.export(module.inner, (torch.arange(2),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    assert any(n.target is torch.ops.rayrec.dot_topk.default for n in ep.graph.nodes)
+    torch.export.save(ep, tmp_path / "student.pt2")
+    served = torch.export.load(tmp_path / "student.pt2").module()
+    with torch.no_grad():
+        for b in (1, 3, 50):
+            users = torch.arange(b).flip(0)
+            values, items = served(users)
+            scores = model.score_all(users).double()  # [b, I]
+            _check(model.user_emb.weight[users].detach(), model.item_emb.weight.detach().t(), 20, values, items)
+            torch.testing.assert_close(scores.gather(1, items), values.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_every_dot_model_serves_fused_and_non_finite_tables_are_refused(monkeypatch):
+    _native()
+    from rayrec import serve
+    from rayrec.models import BPR
+    from rayrec.serve import serving_module
+
+    for dim in (20, 200):  # the student and the teacher: the same kernel
+        module = serving_module(BPR(4, 1_000, dim))
+        assert module.inner.fused and module.block == 0
+    monkeypatch.setattr(serve, "fused_serving", lambda: False)  # no compiler: the blocked GEMM path
+    assert not serving_module(BPR(4, 1_000, 200)).inner.fused
+    model = BPR(4, 1_000, 20)
+    with torch.no_grad():
+        model.item_emb.weight[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite embeddings"):
+        serving_module(model)
