@@ -79,17 +79,31 @@ def uses_native(queries: Tensor, keys_t: Tensor) -> bool:
 
 
 @torch.library.custom_op("rayrec::dot_topk", mutates_args=())
-def dot_topk(queries: Tensor, keys_t: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top ``k`` of ``queries @ keys_t`` per row, best first: ``(values [B, k], ids [B, k] int64)``."""
+def dot_topk(queries: Tensor, keys_t: Tensor, k: int, exclude_indptr: Tensor | None = None,
+             exclude_indices: Tensor | None = None, pad: bool = False) -> tuple[Tensor, Tensor]:
+    """Top ``k`` of ``queries @ keys_t`` per row, best first: ``(values [B, k], ids [B, k] int64)``.
+
+    ``exclude_indptr`` ``[B + 1]`` / ``exclude_indices``: a CSR of item ids never returned for each row (each row's
+    ids sorted ascending). ``pad``: a row with fewer than ``k`` admissible items ends in ``-inf`` / ``-1`` (else the
+    kernel raises)."""
     if uses_native(queries, keys_t):
-        return native().dot_topk(queries, keys_t, k)
+        return native().dot_topk(queries, keys_t, k, exclude_indptr, exclude_indices, pad)
     from rayrec.topk import sorted_topk
 
-    v, i = sorted_topk(queries @ keys_t, k)  # [B, I] -> [B, k]
+    scores = queries @ keys_t  # [B, I]
+    if exclude_indptr is not None and exclude_indices is not None and exclude_indices.numel():
+        counts = (exclude_indptr[1:] - exclude_indptr[:-1]).to(scores.device)
+        rows = torch.repeat_interleave(torch.arange(scores.shape[0], device=scores.device), counts)
+        scores[rows, exclude_indices.to(scores.device)] = -torch.inf
+    v, i = sorted_topk(scores, k)  # [B, I] -> [B, k]
+    i = torch.where(v == -torch.inf, torch.full_like(i, -1), i)
+    if not pad and bool((i < 0).any()):
+        raise RuntimeError("dot_topk: fewer than k finite scores for a row (non-finite embeddings?)")
     return v.contiguous(), i.contiguous()
 
 
 @dot_topk.register_fake
-def _(queries: Tensor, keys_t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _(queries: Tensor, keys_t: Tensor, k: int, exclude_indptr: Tensor | None = None,
+      exclude_indices: Tensor | None = None, pad: bool = False) -> tuple[Tensor, Tensor]:
     B = queries.shape[0]
     return queries.new_empty(B, k), queries.new_empty(B, k, dtype=torch.long)

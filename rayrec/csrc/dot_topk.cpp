@@ -2,7 +2,10 @@
 // writing the [B, I] score matrix. Built on first use by rayrec/kernels.py (torch.utils.cpp_extension).
 //
 // queries [B, D] float32, keys_t [D, I] float32 (items as columns, the layout rayrec.serve.TopK keeps),
-// k <= I  ->  values [B, k] float32 best first, ids [B, k] int64; ties go to the lower item id.
+// k <= I  ->  values [B, k] float32 best first, ids [B, k] int64; ties go to the lower item id. Optional: a CSR
+// (exclude_indptr [B + 1], exclude_indices, each row's ids sorted ascending) of items never returned for a row (a
+// user's train items); pad = true lets a row with fewer than k admissible items end in -inf / -1, else that is an
+// error.
 //
 // Why: a narrow product (a d=20 student) costs D multiply-adds per score, so a GEMM + top-k is bound by writing the
 // [B, I] scores and reading them back. Here each 4-user x 64-item tile of scores lives in 16 vector registers:
@@ -20,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -34,14 +39,45 @@ constexpr int kItems = 64;        // items per register tile (4 x 16 floats)
 constexpr int64_t kUserBlock = 256;  // users sharing one pass over the item chunks
 constexpr int64_t kL2Bytes = 512 * 1024;  // key bytes per item chunk
 
-struct Best {  // one user's k best so far, best first
-  float* v;
-  int64_t* id;
-  int k;
-  int n = 0;
-  float thr = -std::numeric_limits<float>::infinity();  // the k-th best once full: a score must beat it
+constexpr int kBufferFrom = 64;
+constexpr int kBufferTimes = 2;  // k above this (ranking's top-500): a candidate buffer, else a sorted array
 
-  void push(float s, int64_t j) {  // only called with s > thr
+// a candidate as one integer that orders like (value, then lower id): the float's bits made monotone in the high
+// half, the complement of the id in the low half. Selection then compares integers, ties included.
+inline uint64_t pack(float v, int64_t id) {
+  v += 0.0f;  // -0 -> +0: equal floats pack equal
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<uint64_t>(b) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(id));
+}
+inline float value_of(uint64_t key) {
+  uint32_t b = static_cast<uint32_t>(key >> 32);
+  b = (b & 0x80000000u) ? (b & 0x7FFFFFFFu) : ~b;
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+inline int64_t id_of(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key); }
+
+struct Best {  // one user's k best so far
+  float* v;       // [k] output row (the sorted array itself for small k)
+  int64_t* id;    // [k]
+  int k;
+  uint64_t* buf = nullptr;  // large k: [2k] packed candidates, cut back to the k best whenever full
+  const int64_t* ex = nullptr;  // this user's excluded item ids, sorted (never returned)
+  int64_t nex = 0;
+  int64_t cur = 0;  // ex[cur] is the first excluded id not below the last item asked about
+  int n = 0;
+  float thr = -std::numeric_limits<float>::infinity();  // the k-th best (as of the last cut): a score must beat it
+
+  bool excluded(int64_t j) {  // items are asked about in increasing id: a cursor walks the sorted list once
+    while (cur < nex && ex[cur] < j) ++cur;
+    return cur < nex && ex[cur] == j;
+  }
+
+  // small k: a sorted array, best first; an insertion moves at most k entries
+  void push_sorted(float s, int64_t j) {  // only called with s > thr
     int p = n < k ? n++ : k - 1;
     while (p > 0 && v[p - 1] < s) {  // equal values stay ahead: the lower id wins a tie
       v[p] = v[p - 1];
@@ -51,6 +87,41 @@ struct Best {  // one user's k best so far, best first
     v[p] = s;
     id[p] = j;
     if (n == k) thr = v[k - 1];
+  }
+
+  // large k: append; a full buffer of 2k is cut to its k best (nth_element) and thr becomes the k-th. A streaming
+  // top-k keeps about k (1 + ln(I / k)) items whatever the structure (2,450 per user at k = 500 over 25k items): an
+  // append costs a store where a heap's sift costs ~9 compare-and-swaps. Items come in increasing id, so one equal to
+  // thr has a higher id than the kept k-th and loses the tie, as in the sorted array.
+  void cut() {
+    std::nth_element(buf, buf + k - 1, buf + n, std::greater<uint64_t>());
+    n = k;
+    thr = value_of(buf[k - 1]);
+  }
+  void push_buffer(float s, int64_t j) {
+    buf[n++] = pack(s, j);
+    if (n == kBufferTimes * k) cut();
+  }
+
+  void push(float s, int64_t j) {
+    if (excluded(j)) return;
+    if (buf)
+      push_buffer(s, j);
+    else
+      push_sorted(s, j);
+  }
+
+  // best first (value descending, ties by id ascending), padded with -inf / -1 past the entries found
+  void finish() {
+    if (buf) {
+      if (n > k) cut();
+      std::sort(buf, buf + n, std::greater<uint64_t>());
+      for (int i = 0; i < n; ++i) v[i] = value_of(buf[i]), id[i] = id_of(buf[i]);
+    }
+    for (int i = n; i < k; ++i) {  // a NaN or -inf score never enters; excluded items neither
+      v[i] = -std::numeric_limits<float>::infinity();
+      id[i] = -1;
+    }
   }
 };
 
@@ -125,13 +196,19 @@ inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I
 // users [u0, u1) against items [i0, i1): each user's k best into out_v / out_i (row u at u * k), best first; a row
 // with fewer than k finite scores is padded with -inf and id -1
 void rows(const float* Q, const float* kt, int64_t D, int64_t I, int k, int64_t u0, int64_t u1, int64_t i0,
-          int64_t i1, float* out_v, int64_t* out_i) {
+          int64_t i1, const int64_t* ex_ptr, const int64_t* ex_ids, float* out_v, int64_t* out_i) {
   const int64_t chunk = std::max<int64_t>(kItems, (kL2Bytes / (4 * std::max<int64_t>(D, 1))) / kItems * kItems);
   std::vector<Best> best;
+  const bool buffered = k > kBufferFrom;
+  std::vector<uint64_t> arena(buffered ? static_cast<size_t>(std::min(kUserBlock, u1 - u0)) * kBufferTimes * k : 0);
   for (int64_t ub = u0; ub < u1; ub += kUserBlock) {
     const int64_t ue = std::min(ub + kUserBlock, u1);
     best.clear();
-    for (int64_t u = ub; u < ue; ++u) best.push_back(Best{out_v + u * k, out_i + u * k, k});
+    for (int64_t u = ub; u < ue; ++u) {
+      best.push_back(Best{out_v + u * k, out_i + u * k, k});
+      if (buffered) best.back().buf = arena.data() + (u - ub) * kBufferTimes * k;
+      if (ex_ptr) best.back().ex = ex_ids + ex_ptr[u], best.back().nex = ex_ptr[u + 1] - ex_ptr[u];
+    }
     for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
       const int64_t c1 = std::min(c0 + chunk, i1);
       for (int64_t u = ub; u < ue; u += kUsers) {
@@ -172,11 +249,7 @@ void rows(const float* Q, const float* kt, int64_t D, int64_t I, int k, int64_t 
         }
       }
     }
-    for (Best& bst : best)  // a NaN or -inf score never enters
-      for (; bst.n < k; ++bst.n) {
-        bst.v[bst.n] = -std::numeric_limits<float>::infinity();
-        bst.id[bst.n] = -1;
-      }
+    for (Best& bst : best) bst.finish();
   }
 }
 
@@ -207,7 +280,8 @@ void merge(int T, int64_t B, int k, const float* pv, const int64_t* pi, float* o
 }
 
 std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, const torch::Tensor& keys_t,
-                                                  int64_t k) {
+                                                  int64_t k, const c10::optional<torch::Tensor>& exclude_indptr,
+                                                  const c10::optional<torch::Tensor>& exclude_indices, bool pad) {
   TORCH_CHECK(queries.device().is_cpu() && keys_t.device().is_cpu(), "dot_topk: CPU tensors only");
   TORCH_CHECK(queries.scalar_type() == torch::kFloat && keys_t.scalar_type() == torch::kFloat,
               "dot_topk: float32 only");
@@ -215,6 +289,19 @@ std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, 
               "dot_topk: queries [B, D] and keys_t [D, I], got ", queries.sizes(), " and ", keys_t.sizes());
   const int64_t B = queries.size(0), D = queries.size(1), I = keys_t.size(1);
   TORCH_CHECK(k >= 1 && k <= I, "dot_topk: k must be in [1, ", I, "], got ", k);
+  TORCH_CHECK(I < (int64_t{1} << 31), "dot_topk: at most 2^31 - 1 items, got ", I);
+  torch::Tensor EP, EI;
+  const int64_t* ex_ptr = nullptr;
+  const int64_t* ex_ids = nullptr;
+  if (exclude_indptr.has_value()) {
+    TORCH_CHECK(exclude_indices.has_value(), "dot_topk: exclude_indptr without exclude_indices");
+    EP = exclude_indptr->to(torch::kLong).contiguous();
+    EI = exclude_indices->to(torch::kLong).contiguous();
+    TORCH_CHECK(EP.dim() == 1 && EP.size(0) == B + 1, "dot_topk: exclude_indptr must be [B + 1]");
+    ex_ptr = EP.data_ptr<int64_t>();
+    ex_ids = EI.data_ptr<int64_t>();
+    TORCH_CHECK(ex_ptr[0] == 0 && ex_ptr[B] == EI.numel(), "dot_topk: exclude_indptr does not span exclude_indices");
+  }
   auto Q = queries.contiguous();
   auto KT = keys_t.contiguous();
   auto values = torch::empty({B, k}, queries.options());
@@ -234,16 +321,18 @@ std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, 
     const int64_t span = (I / T + kItems - 1) / kItems * kItems;
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        rows(q, kt, D, I, kk, 0, B, std::min(I, t * span), t == T - 1 ? I : std::min(I, (t + 1) * span),
-             pvp + t * B * k, pip + t * B * k);
+        rows(q, kt, D, I, kk, 0, B, std::min(I, t * span), t == T - 1 ? I : std::min(I, (t + 1) * span), ex_ptr,
+             ex_ids, pvp + t * B * k, pip + t * B * k);
     });
     merge(T, B, kk, pvp, pip, ov, oi);
   } else {
     // threads split the users evenly (grain kUsers): one range per thread
     const int64_t per = std::max<int64_t>(kUsers, (B + T - 1) / T);
-    at::parallel_for(0, B, per, [&](int64_t b0, int64_t b1) { rows(q, kt, D, I, kk, b0, b1, 0, I, ov, oi); });
+    at::parallel_for(0, B, per, [&](int64_t b0, int64_t b1) {
+      rows(q, kt, D, I, kk, b0, b1, 0, I, ex_ptr, ex_ids, ov, oi);
+    });
   }
-  TORCH_CHECK(B == 0 || ids.min().item<int64_t>() >= 0,
+  TORCH_CHECK(pad || B == 0 || ids.min().item<int64_t>() >= 0,
               "dot_topk: fewer than k finite scores for a row (non-finite embeddings?)");
   return {values, ids};
 }
@@ -251,7 +340,9 @@ std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dot_topk", &dot_topk, "top-k of queries @ keys_t per row, fused (CPU, float32)");
+  m.def("dot_topk", &dot_topk, "top-k of queries @ keys_t per row, fused (CPU, float32)", py::arg("queries"),
+        py::arg("keys_t"), py::arg("k"), py::arg("exclude_indptr") = py::none(),
+        py::arg("exclude_indices") = py::none(), py::arg("pad") = false);
   m.attr("avx512") = py::bool_(
 #if defined(__AVX512F__)
       true

@@ -42,8 +42,9 @@ def test_kernel_matches_float64_brute_force(B, D, I, k):
     assert torch.equal(values, v2) and torch.equal(ids, i2)
 
 
-@pytest.mark.parametrize("I,threads", [(100, 2), (3_000, 1), (3_000, 2), (3_000, 3)])
-def test_ties_go_to_the_lower_item_id(I, threads, monkeypatch):
+@pytest.mark.parametrize("I,threads,k", [(100, 2, 30), (3_000, 1, 30), (3_000, 2, 30), (3_000, 3, 30),
+                                         (3_000, 1, 700), (3_000, 2, 700)])
+def test_ties_go_to_the_lower_item_id(I, threads, k):
     native = _native()
     # every item of a group scores the same: I items hold five values in shuffled positions. 2 users over 3,000
     # items on 2-3 threads: the threads split the items and their lists are merged
@@ -54,13 +55,52 @@ def test_ties_go_to_the_lower_item_id(I, threads, monkeypatch):
         level = torch.randperm(I, generator=g) % 5  # [I] in 0..4
         kt = level.float().unsqueeze(0)  # [1, I]
         q = torch.tensor([[1.0], [-1.0]])
-        values, ids = native.dot_topk(q, kt, 30)
+        values, ids = native.dot_topk(q, kt, k)  # k = 700: the heap
     finally:
         torch.set_num_threads(before)
     for row, sign in enumerate((1.0, -1.0)):
-        order = sorted(range(I), key=lambda j: (-sign * float(level[j]), j))[:30]
+        order = sorted(range(I), key=lambda j: (-sign * float(level[j]), j))[:k]
         assert ids[row].tolist() == order
         assert values[row].tolist() == [sign * float(level[j]) for j in order]
+
+
+@pytest.mark.parametrize("k,threads", [(100, 1), (500, 2), (500, 1), (30, 2)])
+def test_exclusions_and_long_lists_match_brute_force(k, threads):
+    # k > 64 keeps a heap per user (ranking's top-500); excluded items (a user's train items) never come back; a
+    # user with fewer than k admissible items is padded with -inf / -1 when pad=True, an error otherwise
+    native = _native()
+    g = torch.Generator().manual_seed(k + threads)
+    B, D, I = 11, 16, 2_000
+    q, kt = torch.randn(B, D, generator=g), torch.randn(D, I, generator=g)
+    # row r excludes a random sorted subset; the last row excludes all but k - 3 items
+    rows = [torch.randperm(I, generator=g)[: int(torch.randint(0, 300, (1,), generator=g))].sort().values
+            for _ in range(B - 1)]
+    rows.append(torch.arange(k - 3, I))
+    indptr = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    indices = torch.cat(rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, ids = native.dot_topk(q, kt, k, indptr, indices, True)
+        with pytest.raises(RuntimeError, match="fewer than k"):
+            native.dot_topk(q, kt, k, indptr, indices, False)
+    finally:
+        torch.set_num_threads(before)
+    exact = q.double() @ kt.double()
+    for r in range(B):
+        exact[r, rows[r]] = -float("inf")
+    want = exact.topk(k, dim=1).values
+    torch.testing.assert_close(values.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids[-1, k - 3:], torch.full((3,), -1)) and ids[-1, : k - 3].sort().values.tolist() == list(
+        range(k - 3))
+    ok = ids >= 0
+    torch.testing.assert_close(exact.gather(1, ids.clamp(min=0))[ok], values.double()[ok], rtol=1e-5, atol=1e-5)
+    assert all(len(set(r) - {-1}) == sum(x >= 0 for x in r) for r in ids.tolist())
+    assert torch.all(values[:, :-1] >= values[:, 1:])
+    # the fallback (matmul + top-k) gives the same lists
+    fv, fi = dot_topk(q.double(), kt.double(), k, indptr, indices, True)
+    torch.testing.assert_close(fv.float(), values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fi < 0, ids < 0)
 
 
 def test_splitting_users_or_items_over_threads_gives_the_same_answer():

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -33,8 +34,11 @@ def _brute(queries, qids, keys, k, indptr=None, indices=None, exclude_self=False
     return torch.topk(s, k, dim=1)
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, port, out, native="1"):
+    from rayrec import kernels
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RAYREC_NATIVE=native)
+    kernels._state.clear()  # native "0": the matmul + block top-k path, "1": the fused kernel where it builds
     dist.init_process_group("gloo", rank=rank, world_size=world)
     users, items, indptr, indices = _data()
     bounds = [0, 12, I]  # uneven row blocks, like TorchRec's row-wise shards
@@ -44,17 +48,23 @@ def _worker(rank, world, port, out):
     my_items = torch.arange(lo, hi)  # item neighbours: queries are this rank's own rows
     ns, ni = sharded_topk(items[lo:hi], my_items, items[lo:hi], lo, K, exclude_self=True)
     es, ei = sharded_topk(users[:0], my_users[:0], items[lo:hi], lo, K)  # a rank with no queries still joins
-    torch.save({"s": s, "i": i, "u": my_users, "ns": ns, "ni": ni, "q": my_items, "empty": ei.shape}, f"{out}.{rank}")
+    torch.save({"s": s, "i": i, "u": my_users, "ns": ns, "ni": ni, "q": my_items, "empty": ei.shape,
+                "native": kernels.native() is not None}, f"{out}.{rank}")
     dist.barrier()  # no rank tears the group down while a peer is still mid-collective
     dist.destroy_process_group()
 
 
-def test_sharded_topk_equals_dense(tmp_path, spawn):
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_sharded_topk_equals_dense(tmp_path, spawn, native):
+    import shutil
+
     out = str(tmp_path / "r")
-    spawn(_worker, lambda port: (2, port, out))
+    spawn(_worker, lambda port: (2, port, out, native))
     users, items, indptr, indices = _data()
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}")
+        # the fused kernel ran where a compiler is (exclusions and self as its CSR), the fallback otherwise
+        assert got["native"] is (native == "1" and bool(shutil.which("c++") or shutil.which("g++")))
         ws, wi = _brute(users[got["u"]], got["u"], items, K, indptr, indices)
         torch.testing.assert_close(got["s"], ws)
         assert torch.equal(got["i"], wi)
@@ -110,3 +120,22 @@ def test_dot_scores_in_item_blocks_equal_one_matmul():
     q.requires_grad_(True)  # gradients wanted: one matmul, differentiable
     dot_scores(q, keys.T, block=300).sum().backward()
     assert torch.allclose(q.grad, keys.sum(0).expand(16, -1), atol=1e-4)
+
+
+def test_one_process_ranking_follows_in_place_changes_of_the_table():
+    # the fused path keeps the table's transposed copy between calls: an in-place change, or a new table at the
+    # same address, must not serve stale scores
+    users, items, indptr, indices = _data()
+    ids = torch.arange(U)
+    s1, i1 = sharded_topk(users, ids, items, 0, K, indptr, indices)
+    ws, wi = _brute(users, ids, items, K, indptr, indices)
+    assert torch.equal(i1, wi)
+    items.mul_(-1)
+    s2, i2 = sharded_topk(users, ids, items, 0, K, indptr, indices)
+    ws, wi = _brute(users, ids, items, K, indptr, indices)
+    torch.testing.assert_close(s2, ws)
+    assert torch.equal(i2, wi)
+    del items
+    other = torch.randn(I, D, generator=torch.Generator().manual_seed(5))
+    s3, i3 = sharded_topk(users, ids, other, 0, K, indptr, indices)
+    assert torch.equal(i3, _brute(users, ids, other, K, indptr, indices)[1])
