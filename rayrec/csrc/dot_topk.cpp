@@ -8,12 +8,18 @@
 // error.
 //
 // Why: a narrow product (a d=20 student) costs D multiply-adds per score, so a GEMM + top-k is bound by writing the
-// [B, I] scores and reading them back. Here each 4-user x 64-item tile of scores lives in 16 vector registers:
-// it is compared with each user's current k-th best and only the few scores above it leave the registers.
+// [B, I] scores and reading them back. Here a 6-user x 64-item tile of scores is accumulated in 24 AVX-512 registers
+// (each d: 4 key vectors loaded, 6 query values broadcast, 24 FMAs), compared with each user's current k-th best, and
+// only the few scores above it are kept. For a wide teacher (d=200) the same tile runs at the machine's GEMM rate
+// (measured: 2 threads, 1,024 users x 25k items, 202 GFLOP/s against 195 for a 2,048^2 MKL GEMM), and the top-k is
+// nearly free. A 4-user tile (16 registers) reached 120 GFLOP/s; with the accumulators indexed at run time, GCC
+// kept them on the stack (48 GFLOP/s).
 //
-// Layout of the work: threads split the users; a thread takes up to kUserBlock users at a time and walks the items
-// in chunks whose keys (D x chunk floats) fit the L2 cache, so the keys are read from memory once per user block.
-// Each user keeps its k best in a small sorted array (insertion: a user sees about k ln(I / k) insertions).
+// Layout of the work: threads split the users (or, for fewer than 2 x 6 users per thread, the items, whose lists
+// are then merged); a thread takes up to kUserBlock users at a time and walks the items in chunks whose keys
+// (D x chunk floats) fit the L2 cache, so the keys are read from memory once per user block.
+// Each user keeps its k best: a sorted array for k <= 64 (about k (1 + ln(I / k)) insertions per user), else a buffer
+// of 2k packed (value, id) keys cut back to the k best by nth_element when full.
 // Scores are sums over d in order 0..D-1 with fused multiply-adds: they may differ from a BLAS GEMM's in the last
 // bits, as two BLAS builds do.
 
@@ -34,7 +40,7 @@
 
 namespace {
 
-constexpr int kUsers = 4;         // users per register tile
+constexpr int kUsers = 6;         // users per register tile
 constexpr int kItems = 64;        // items per register tile (4 x 16 floats)
 constexpr int64_t kUserBlock = 256;  // users sharing one pass over the item chunks
 constexpr int64_t kL2Bytes = 512 * 1024;  // key bytes per item chunk
@@ -152,44 +158,27 @@ inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I
       const int n = std::max(0, std::min(16, nt - 16 * b));
       m[b] = static_cast<__mmask16>((1u << n) - 1);
     }
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00,
-         c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
-  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  __m512 c[kUsers][4];
+#pragma GCC unroll 8
+  for (int a = 0; a < kUsers; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) c[a][b] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     const float* row = kt + d * I;
-    __m512 k0, k1, k2, k3;
-    if (Full) {
-      k0 = _mm512_loadu_ps(row);
-      k1 = _mm512_loadu_ps(row + 16);
-      k2 = _mm512_loadu_ps(row + 32);
-      k3 = _mm512_loadu_ps(row + 48);
-    } else {
-      k0 = _mm512_maskz_loadu_ps(m[0], row);
-      k1 = _mm512_maskz_loadu_ps(m[1], row + 16);
-      k2 = _mm512_maskz_loadu_ps(m[2], row + 32);
-      k3 = _mm512_maskz_loadu_ps(m[3], row + 48);
+    __m512 k[4];
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) k[b] = Full ? _mm512_loadu_ps(row + 16 * b) : _mm512_maskz_loadu_ps(m[b], row + 16 * b);
+#pragma GCC unroll 8
+    for (int a = 0; a < kUsers; ++a) {
+      const __m512 s = _mm512_set1_ps(q[a][d]);
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b) c[a][b] = _mm512_fmadd_ps(s, k[b], c[a][b]);
     }
-    __m512 s = _mm512_set1_ps(q0[d]);
-    c00 = _mm512_fmadd_ps(s, k0, c00); c01 = _mm512_fmadd_ps(s, k1, c01);
-    c02 = _mm512_fmadd_ps(s, k2, c02); c03 = _mm512_fmadd_ps(s, k3, c03);
-    s = _mm512_set1_ps(q1[d]);
-    c10 = _mm512_fmadd_ps(s, k0, c10); c11 = _mm512_fmadd_ps(s, k1, c11);
-    c12 = _mm512_fmadd_ps(s, k2, c12); c13 = _mm512_fmadd_ps(s, k3, c13);
-    s = _mm512_set1_ps(q2[d]);
-    c20 = _mm512_fmadd_ps(s, k0, c20); c21 = _mm512_fmadd_ps(s, k1, c21);
-    c22 = _mm512_fmadd_ps(s, k2, c22); c23 = _mm512_fmadd_ps(s, k3, c23);
-    s = _mm512_set1_ps(q3[d]);
-    c30 = _mm512_fmadd_ps(s, k0, c30); c31 = _mm512_fmadd_ps(s, k1, c31);
-    c32 = _mm512_fmadd_ps(s, k2, c32); c33 = _mm512_fmadd_ps(s, k3, c33);
   }
-  _mm512_store_ps(sc[0], c00); _mm512_store_ps(sc[0] + 16, c01);
-  _mm512_store_ps(sc[0] + 32, c02); _mm512_store_ps(sc[0] + 48, c03);
-  _mm512_store_ps(sc[1], c10); _mm512_store_ps(sc[1] + 16, c11);
-  _mm512_store_ps(sc[1] + 32, c12); _mm512_store_ps(sc[1] + 48, c13);
-  _mm512_store_ps(sc[2], c20); _mm512_store_ps(sc[2] + 16, c21);
-  _mm512_store_ps(sc[2] + 32, c22); _mm512_store_ps(sc[2] + 48, c23);
-  _mm512_store_ps(sc[3], c30); _mm512_store_ps(sc[3] + 16, c31);
-  _mm512_store_ps(sc[3] + 32, c32); _mm512_store_ps(sc[3] + 48, c33);
+#pragma GCC unroll 8
+  for (int a = 0; a < kUsers; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) _mm512_store_ps(sc[a] + 16 * b, c[a][b]);
 }
 #endif
 
