@@ -10,9 +10,10 @@ in any order in the fallback.
 The op is a registered ``torch.library`` custom op, so ``torch.export`` keeps it as one node: an exported student
 (``rayrec.serve``) loads wherever ``rayrec`` imports, and runs the kernel where it can be built.
 
-The build (``torch.utils.cpp_extension.load``, needs a C++ compiler and ninja; about a minute) is cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and compiled for the machine it runs on
-(``-march=native``: AVX-512 where the CPU has it). ``RAYREC_NATIVE=0`` turns the kernel off (the fallback runs).
+The build (``torch.utils.cpp_extension.load``, needs a C++ compiler and ninja; about 25 s on 2 cores;
+``scripts/install.sh`` does it once) is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
+compiled for the machine it runs on (``-march=native``: AVX-512 where the CPU has it, a portable loop elsewhere) and
+named after the CPU (:func:`_cpu_tag`). ``RAYREC_NATIVE=0`` turns the kernel off (the fallback runs).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _build():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without it the kernel runs on one thread
-        module = cpp_extension.load(name="rayrec_dot_topk", sources=[str(_SOURCE)],
+        module = cpp_extension.load(name=f"rayrec_dot_topk_{_cpu_tag()}", sources=[str(_SOURCE)],
                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                     verbose=False)
         return module, None
@@ -70,6 +71,26 @@ def _build():
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         log.warning("rayrec: the native dot_topk kernel could not be built (%s); using matmul + top-k", reason)
         return None, reason
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and feature flags: the build is ``-march=native``, so a cache shared by
+    machines with other CPUs (a home directory on a cluster) keeps one build per CPU kind instead of loading one
+    with instructions this CPU lacks."""
+    import hashlib
+    import platform
+
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name")):
+                    text += line
+                if line.strip() == "":
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def uses_native(queries: Tensor, keys_t: Tensor) -> bool:

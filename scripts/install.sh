@@ -33,4 +33,7 @@ echo "install.sh: installing the $stack stack into .venv (first run takes a few 
 .venv/bin/python -m pip install -q --no-deps torchrec==1.8.0
 .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray; print("install.sh: torch", torch.__version__, "| torchrec", torchrec.__version__, "| ray", ray.__version__)'
+# build the fused CPU top-k kernel now rather than in the first job (rayrec/kernels.py; without a compiler the
+# matmul + top-k fallback serves, and this says so)
+.venv/bin/python -c 'from rayrec import kernels; print("install.sh: native kernel", "built" if kernels.native() else "not built (" + str(kernels.native_error()) + "); the fallback serves")'
 echo "$stack $want" > "$stamp"
