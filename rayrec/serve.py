@@ -8,6 +8,11 @@ four tables and MLP. ``forward(users [B]) -> (scores [B, K], items [B, K])`` ran
 :func:`export_student` writes a servable artifact: ``student.pt2`` (``torch.export``; TorchScript ``student.ts``
 where export fails), ``id_map.parquet`` files (internal id -> raw id of the prepared data) and a manifest with
 checksums written last (:mod:`rayrec.artifacts`). :func:`load_exported` reads it back.
+
+Dot models on a CPU score and rank through the fused kernel ``torch.ops.rayrec.dot_topk`` (:mod:`rayrec.kernels`,
+:func:`fused_serving`), teacher and student alike; an exported graph keeps it as one node, so loading a ``.pt2``
+without this module needs ``import rayrec.kernels`` first (it registers the op, with its fallback where the kernel
+cannot be built). Without the kernel they score in cache-sized user x item blocks (:class:`TopK`, :class:`BlockedTopK`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ class TopK(nn.Module):
     the two-level :func:`rayrec.topk.sorted_topk` (one thread, 1024 users x 25k items, k = 20: 53 ms for one
     ``torch.topk``, 32 ms for the former consecutive groups of 64, 19 ms), merged with one last ``topk``; the item
     loop is static, so ``torch.export`` keeps it.
-    Large batches go through :class:`BlockedTopK` (blocks of users, so a score block stays ~16 MiB)."""
+    Large batches go through :class:`BlockedTopK` (blocks of users, so a score block stays ~16 MiB).
+    ``fused`` (dot models; set by :func:`serving_module` where the kernel builds): one
+    ``torch.ops.rayrec.dot_topk`` call over every item instead, which never writes the scores."""
 
     def __init__(self, kind: str, tensors: dict[str, Tensor], k: int = 20, item_chunk: int = 1 << 15,
                  fused: bool = False) -> None:
@@ -268,7 +275,8 @@ def export_student(checkpoint: str | Path, out: str | Path, k: int = 20, prepare
         pq.write_table(pa.table({"id": np.arange(pd.num_items), "raw_id": pd.item_raw()}), tmp / "item_map.parquet")
         commit_dir(tmp, out, KIND, {
             "format": fmt, "k": k, "device": device.type, "user_block": module.block,
-            "gpu_user_block": module.gpu_block, "fused_topk": bool(getattr(module.inner, "fused", False)), "model": s["config"]["model"], "num_users": pd.num_users,
+            "gpu_user_block": module.gpu_block, "fused_topk": bool(getattr(module.inner, "fused", False)),
+            "model": s["config"]["model"], "num_users": pd.num_users,
             "num_items": pd.num_items, "num_parameters": sum(int(b.numel()) for b in module.buffers()),
             "source_checkpoint": str(ck.resolve()), "distill_method": s["config"].get("distill", {}).get("method"),
             "export_fallback_reason": why,
