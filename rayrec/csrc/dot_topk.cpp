@@ -45,8 +45,8 @@ constexpr int kItems = 64;        // items per register tile (4 x 16 floats)
 constexpr int64_t kUserBlock = 256;  // users sharing one pass over the item chunks
 constexpr int64_t kL2Bytes = 512 * 1024;  // key bytes per item chunk
 
-constexpr int kBufferFrom = 64;
-constexpr int kBufferTimes = 2;  // k above this (ranking's top-500): a candidate buffer, else a sorted array
+constexpr int kBufferFrom = 64;  // k above this (ranking's top-500): a candidate buffer, else a sorted array
+constexpr int kBufferTimes = 2;  // the buffer holds kBufferTimes * k candidates before a cut (4: no faster)
 
 // a candidate as one integer that orders like (value, then lower id): the float's bits made monotone in the high
 // half, the complement of the id in the low half. Selection then compares integers, ties included.
@@ -131,7 +131,7 @@ struct Best {  // one user's k best so far
   }
 };
 
-// scores of users q[0..3] (rows of length D) x items [j, j + nt) of keys_t (row stride I) -> acc[u][t]
+// scores of users q[0..kUsers) (rows of length D) x items [j, j + nt) of keys_t (row stride I) -> acc[u][t]
 inline void tile_generic(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int64_t j, int nt,
                          float acc[kUsers][kItems]) {
   for (int u = 0; u < kUsers; ++u)
@@ -146,9 +146,10 @@ inline void tile_generic(const float* const q[kUsers], const float* kt, int64_t 
 }
 
 #if defined(__AVX512F__)
-// scores of users q[0..3] x items [j, j + 64) (kt points at column j; row stride I) into sc; all accumulators stay in
-// registers (16 zmm): each d loads 4 key vectors and broadcasts 4 query values for 16 FMAs. A short tile (Full =
-// false) loads its nt < 64 columns masked, zeros past them.
+// scores of users q[0..6) x items [j, j + 64) (kt points at column j; row stride I) into sc; all accumulators stay in
+// registers (24 zmm): each d loads 4 key vectors and broadcasts 6 query values for 24 FMAs. The loops have constant
+// trip counts and are unrolled, so GCC keeps c[][] in registers. A short tile (Full = false) loads its nt < 64
+// columns masked, zeros past them.
 template <bool Full>
 inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int nt,
                         float sc[kUsers][kItems]) {
@@ -167,7 +168,8 @@ inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I
     const float* row = kt + d * I;
     __m512 k[4];
 #pragma GCC unroll 4
-    for (int b = 0; b < 4; ++b) k[b] = Full ? _mm512_loadu_ps(row + 16 * b) : _mm512_maskz_loadu_ps(m[b], row + 16 * b);
+    for (int b = 0; b < 4; ++b)
+      k[b] = Full ? _mm512_loadu_ps(row + 16 * b) : _mm512_maskz_loadu_ps(m[b], row + 16 * b);
 #pragma GCC unroll 8
     for (int a = 0; a < kUsers; ++a) {
       const __m512 s = _mm512_set1_ps(q[a][d]);
