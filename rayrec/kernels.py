@@ -99,6 +99,15 @@ def uses_native(queries: Tensor, keys_t: Tensor) -> bool:
             and keys_t.dtype == torch.float32 and native() is not None)
 
 
+def exclusion_csr(rows: Tensor, cols: Tensor, num_rows: int, num_cols: int) -> tuple[Tensor, Tensor]:
+    """``(indptr [num_rows + 1], indices)`` of excluded ``(row, col)`` pairs as :func:`dot_topk` takes them: each
+    row's columns sorted ascending, duplicates once."""
+    key = torch.unique(rows.long() * num_cols + cols.long())  # sorted by row, then column
+    indptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=key.device)
+    indptr[1:] = torch.cumsum(torch.bincount(key // num_cols, minlength=num_rows), 0)
+    return indptr, key % num_cols
+
+
 @torch.library.custom_op("rayrec::dot_topk", mutates_args=())
 def dot_topk(queries: Tensor, keys_t: Tensor, k: int, exclude_indptr: Tensor | None = None,
              exclude_indices: Tensor | None = None, pad: bool = False) -> tuple[Tensor, Tensor]:

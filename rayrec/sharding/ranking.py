@@ -151,9 +151,5 @@ def _local_exclusions(all_ids: Tensor, key_offset: int, I_r: int, exclude_indptr
         cols.append(all_ids[mine] - key_offset)
     if not rows:
         return None, None
-    r, c = torch.cat(rows).long(), torch.cat(cols).long()
-    key = torch.unique(r * I_r + c)  # sorted by row, then id; duplicates (self among the train items) once
-    r, c = key // I_r, key % I_r
-    indptr = torch.zeros(n + 1, dtype=torch.int64, device=all_ids.device)
-    indptr[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
-    return indptr, c
+    # duplicates (self among the train items) once
+    return kernels.exclusion_csr(torch.cat(rows), torch.cat(cols), n, I_r)

@@ -71,10 +71,6 @@ def _fused_topk(U: Tensor, keys_t: Tensor, u: Tensor, K: int, exclude) -> Tensor
     n_items = keys_t.shape[1]
     indptr = indices = None
     if exclude is not None:
-        row, items = exclude.rows(u)
-        key = torch.unique(row.long() * n_items + items.long())  # sorted by row, then item
-        indices = key % n_items
-        indptr = torch.zeros(len(u) + 1, dtype=torch.int64)
-        indptr[1:] = torch.cumsum(torch.bincount(key // n_items, minlength=len(u)), 0)
+        indptr, indices = kernels.exclusion_csr(*exclude.rows(u), len(u), n_items)
     _, ids = kernels.dot_topk(U[u], keys_t, min(K, n_items), indptr, indices, pad=True)  # [B, k]
     return None if bool((ids < 0).any()) else ids
