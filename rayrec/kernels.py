@@ -28,7 +28,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "dot_topk.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("dot_topk.cpp", "list_rank.cpp", "module.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -63,7 +63,7 @@ def _build():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without it the kernel runs on one thread
-        module = cpp_extension.load(name=f"rayrec_dot_topk_{_cpu_tag()}", sources=[str(_SOURCE)],
+        module = cpp_extension.load(name=f"rayrec_native_{_cpu_tag()}", sources=[str(p) for p in _SOURCES],
                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                     verbose=False)
         return module, None
@@ -137,3 +137,46 @@ def _(queries: Tensor, keys_t: Tensor, k: int, exclude_indptr: Tensor | None = N
       exclude_indices: Tensor | None = None, pad: bool = False) -> tuple[Tensor, Tensor]:
     B = queries.shape[0]
     return queries.new_empty(B, k), queries.new_empty(B, k, dtype=torch.long)
+
+
+def uses_native_lists(U: Tensor, V: Tensor) -> bool:
+    """Whether :func:`rrd_nll` runs the fused kernel for these tables (CPU, float32, built)."""
+    return (U.device.type == "cpu" and V.device.type == "cpu" and U.dtype == torch.float32
+            and V.dtype == torch.float32 and native() is not None)
+
+
+class _RRDNLL(torch.autograd.Function):
+    """The fused kernel's RRD NLL: forward gives the per-row loss and keeps its gradient wrt the scores
+    (``rrd_forward``); backward scatters ``g * dnll/ds`` into both tables (``list_dot_backward``)."""
+
+    @staticmethod
+    def forward(ctx, U: Tensor, V: Tensor, users: Tensor, items: Tensor, K: int) -> Tensor:
+        nll, ds = native().rrd_forward(U, V, users, items, K)  # [B], [B, K + L]
+        ctx.save_for_backward(U, V, users, items, ds)
+        return nll
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # g [B]
+        U, V, users, items, ds = ctx.saved_tensors
+        need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gU, gV = native().list_dot_backward((ds * g.unsqueeze(1)).contiguous(), U, V, users, items, need_u, need_v)
+        return (gU if need_u else None), (gV if need_v else None), None, None, None
+
+
+def rrd_nll(U: Tensor, V: Tensor, users: Tensor, items: Tensor, K: int) -> Tensor:
+    r"""RRD's relaxed ranking NLL per row (:func:`rayrec.distill.losses.relaxed_ranking_nll`) of the dot-product
+    scores ``s[b, c] = U[users[b]] . V[items[b, c]]``: ``U`` ``[Nu, D]``, ``V`` ``[Ni, D]`` (embedding tables or any
+    tensors, e.g. LightGCN's propagated ones), ``users`` ``[B]``, ``items`` ``[B, K + L]`` (the ``K`` interesting
+    items in the teacher's order first) -> ``[B]``, differentiable wrt ``U`` and ``V``.
+
+    On CPU (float32) it runs the fused kernel of ``rayrec/csrc/list_rank.cpp``: the same values up to float rounding
+    (its dot products and sums run in another order; the loss in double), and a deterministic backward. Elsewhere,
+    or without the kernel: gather, :func:`rayrec.models.base.batched_dot`, ``relaxed_ranking_nll``.
+    """
+    if uses_native_lists(U, V):
+        return _RRDNLL.apply(U.contiguous(), V.contiguous(), users.contiguous().long(), items.contiguous().long(), K)
+    from rayrec.distill.losses import relaxed_ranking_nll
+    from rayrec.models.base import batched_dot
+
+    scores = batched_dot(U[users], V[items])  # [B, K + L]
+    return relaxed_ranking_nll(scores[:, :K], scores[:, K:])

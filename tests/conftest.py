@@ -33,6 +33,21 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def native_kernels():
+    """rayrec's built native kernel module (``rayrec.kernels.native()``). Fails where a C++ compiler is present but
+    the build failed; skips only on a machine without one (the ops' fallbacks are tested there)."""
+    import shutil
+
+    from rayrec import kernels
+
+    if kernels.native() is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler is here but the kernel did not build: {kernels.native_error()}")
+        pytest.skip(f"no C++ compiler: {kernels.native_error()}")
+    return kernels.native()
+
+
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port on loopback for a torch.distributed rendezvous (mp.spawn tests)."""

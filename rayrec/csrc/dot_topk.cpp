@@ -270,6 +270,10 @@ void merge(int T, int64_t B, int k, const float* pv, const int64_t* pi, float* o
   }
 }
 
+}  // namespace
+
+namespace rayrec {
+
 std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, const torch::Tensor& keys_t,
                                                   int64_t k, const c10::optional<torch::Tensor>& exclude_indptr,
                                                   const c10::optional<torch::Tensor>& exclude_indices, bool pad) {
@@ -328,17 +332,4 @@ std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, 
   return {values, ids};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dot_topk", &dot_topk, "top-k of queries @ keys_t per row, fused (CPU, float32)", py::arg("queries"),
-        py::arg("keys_t"), py::arg("k"), py::arg("exclude_indptr") = py::none(),
-        py::arg("exclude_indices") = py::none(), py::arg("pad") = false);
-  m.attr("avx512") = py::bool_(
-#if defined(__AVX512F__)
-      true
-#else
-      false
-#endif
-  );
-}
+}  // namespace rayrec

@@ -23,6 +23,7 @@ student/teacher dims, ``K``/``L`` list lengths, ``M`` experts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -36,15 +37,20 @@ class DistillBatch:
     users: Tensor
     pos: Tensor
     neg: Tensor
-    uniq_users: Tensor = field(init=False)  # [U_b]
-    uniq_pos: Tensor = field(init=False)  # [I_p]
-    uniq_neg: Tensor = field(init=False)  # [I_n]
     extras: dict = field(init=False, default_factory=dict)  # per-step state a method keeps between its hooks
 
-    def __post_init__(self) -> None:
-        self.uniq_users = torch.unique(self.users)
-        self.uniq_pos = torch.unique(self.pos)
-        self.uniq_neg = torch.unique(self.neg)
+    # the unique ids, sorted, computed on first use (a method reads one or two of them)
+    @cached_property
+    def uniq_users(self) -> Tensor:  # [U_b]
+        return torch.unique(self.users)
+
+    @cached_property
+    def uniq_pos(self) -> Tensor:  # [I_p]
+        return torch.unique(self.pos)
+
+    @cached_property
+    def uniq_neg(self) -> Tensor:  # [I_n]
+        return torch.unique(self.neg)
 
 
 @dataclass

@@ -19,7 +19,9 @@ relaxed Plackett-Luce likelihood keeps the uninteresting items below every inter
     \qquad \mathcal L = \mathcal L_{base} + \lambda_{RRD}\,\mathcal L_{RRD}
 
 Defaults from the code: ``K = L = 40``, ``T = 10``, :math:`\lambda_{RRD} = 10^{-3}` (BPR). Computed with
-log-sum-exp (stable for any score scale); lists are drawn for all users at once, without a users x items mask.
+log-sum-exp (stable for any score scale); lists are drawn for all users at once, without a users x items mask. For
+a dot-product student on CPU (BPR, LightGCN: :meth:`~rayrec.models.base.Recommender.dot_tables`) the scores, the
+loss and its gradient into the tables run in one native kernel (:func:`rayrec.kernels.rrd_nll`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from rayrec.distill.base import DistillBatch, DistillMethod, TeacherAnswer, redu
 from rayrec.distill.lists import Uninteresting, rank_discounted
 from rayrec.distill.losses import relaxed_ranking_nll
 from rayrec.errors import ConfigError
+from rayrec.kernels import rrd_nll, uses_native_lists
+from rayrec.models.base import Recommender
 
 
 @dataclass
@@ -92,6 +96,10 @@ class RRD(DistillMethod):
             return {}
         users = batch.uniq_users
         items = self.lists.index_select(0, users.cpu()).to(users.device)  # [U_b, K + L] (one gather, not two + cat)
-        scores = student.score(users, items)  # [U_b, K + L]
-        nll = relaxed_ranking_nll(scores[:, : self.cfg.K], scores[:, self.cfg.K:])  # [U_b]
+        tables = student.dot_tables() if isinstance(student, Recommender) else None
+        if tables is not None and uses_native_lists(*tables):  # CPU: gather, score, loss and scatter in one kernel
+            nll = rrd_nll(*tables, users, items, self.cfg.K)  # [U_b]
+        else:
+            scores = student.score(users, items)  # [U_b, K + L]
+            nll = relaxed_ranking_nll(scores[:, : self.cfg.K], scores[:, self.cfg.K:])  # [U_b]
         return {"kd/rrd": self.cfg.lambda_rrd * reduce_terms(nll, reduction)}

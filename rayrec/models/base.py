@@ -45,6 +45,12 @@ class Recommender(nn.Module, ABC):
             out.append(self.score(users, items.unsqueeze(0).expand(users.shape[0], -1)))
         return torch.cat(out, dim=1)  # [B, I]
 
+    def dot_tables(self) -> tuple[Tensor, Tensor] | None:
+        """``(U [Nu, D], V [Ni, D])`` whose row dot products are exactly :meth:`score` (differentiable), for
+        kernels that gather and score lists themselves (:func:`rayrec.kernels.rrd_nll`); ``None`` (the default)
+        for models that do not score by a dot product."""
+        return None
+
     @abstractmethod
     def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
         """The model's own training loss on ``users`` ``[B]``, positives ``[B]`` and negatives ``[B, N]``."""

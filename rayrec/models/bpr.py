@@ -50,6 +50,9 @@ class BPR(Recommender):
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
         return dot_scores(self.user_emb(users), self.item_emb.weight.T)  # [B, I]
 
+    def dot_tables(self) -> tuple[Tensor, Tensor]:
+        return self.user_emb.weight, self.item_emb.weight  # [U, D], [I, D]
+
     def base_loss(self, users: Tensor, pos: Tensor, neg: Tensor, reduction: str = "sum") -> Tensor:
         u = self.user_emb(users)  # [B, D]
         s_pos = (u * self.item_emb(pos)).sum(-1, keepdim=True)  # [B, 1]

@@ -132,6 +132,9 @@ class LightGCN(Recommender):
         U, I = self.propagate()
         return batched_dot(U[users], I[items])  # [B, C]
 
+    def dot_tables(self) -> tuple[Tensor, Tensor]:
+        return self.propagate()  # [U, D], [I, D] layer means
+
     def score_all(self, users: Tensor, item_chunk: int = 0) -> Tensor:
         U, I = self.propagate()
         return dot_scores(U[users], I.T)  # [B, I]

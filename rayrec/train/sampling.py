@@ -1,9 +1,10 @@
 """Training negatives, resampled every epoch inside the workers (vectorised rejection sampling).
 
-Each worker holds the user -> train-items CSR as one sorted key array ``user * I + item`` (8 bytes per train
-interaction); membership of a ``[B, N]`` block of candidates is one ``searchsorted``. Candidates that hit a train
-item are redrawn until none do. The generator is seeded from ``(seed, epoch, rank)`` so runs are reproducible and
-every epoch sees fresh negatives.
+Each worker holds the user -> train-items CSR, each row sorted (8 bytes per train interaction). Membership of a
+``[B, N]`` block of candidates is a binary search inside each candidate's user row (the native ``csr_contains``,
+:mod:`rayrec.kernels`), or, without the native kernels, one ``searchsorted`` over one sorted key array
+``user * I + item``. Candidates that hit a train item are redrawn until none do. The generator is seeded from
+``(seed, epoch, rank)`` so runs are reproducible and every epoch sees fresh negatives.
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ class NegativeSampler:
         if len(full):
             raise ValueError(f"user {int(full[0])} interacted with every item: no negative can be sampled")
         users = torch.repeat_interleave(torch.arange(len(degree)), degree)  # [nnz]
-        self.keys, _ = torch.sort(users * num_items + indices)  # [nnz]
+        keys, _ = torch.sort(users * num_items + indices)  # [nnz]
         self.num_items = num_items
         self.max_rounds = max_rounds
+        from rayrec.kernels import native
+
+        self._native = native()
+        if self._native is not None:  # each user's row, sorted: the kernel searches only there
+            self.indptr = torch.zeros(len(degree) + 1, dtype=torch.int64)
+            torch.cumsum(degree, 0, out=self.indptr[1:])
+            self.items, self.keys = keys % num_items, None  # [nnz]
+        else:
+            self.keys = keys
 
     def contains(self, users: Tensor, items: Tensor) -> Tensor:
         """``[B, N]`` bool: is ``items[b, n]`` a train item of ``users[b]``."""
+        if self._native is not None:
+            users, items = users.to(torch.int64), items.to(torch.int64)
+            return self._native.csr_contains(self.indptr, self.items,
+                                             users.unsqueeze(1).expand_as(items).contiguous(), items.contiguous())
         if self.keys.numel() == 0:
             return torch.zeros_like(items, dtype=torch.bool)
         k = users.unsqueeze(1) * self.num_items + items  # [B, N]

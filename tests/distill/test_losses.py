@@ -148,6 +148,19 @@ def test_neumf_de_distills_gmf_and_mlp_separately():
     assert sum(p.numel() for p in student.parameters()) == NeuMF(5, 9, 4).num_parameters()
 
 
+@pytest.mark.parametrize("U,N,K,T", [(5220, 500, 40, 10.0), (3000, 100, 10, 1.0), (800, 500, 40, 50.0),
+                                     (20000, 200, 5, 3.0), (50, 50, 50, 10.0)])
+def test_rank_discounted_equals_the_top_k_of_all_gumbel_keys(U, N, K, T):
+    # the shortcut (ranking the first R ranks, and all N only for rows a later rank could enter) gives the plain
+    # Gumbel-top-k's answer from the same draws
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.rand(U, N, generator=g)
+        keys = -torch.arange(N, dtype=torch.float32) / T - torch.log(-torch.log(u + 1e-20) + 1e-20)
+        want = torch.topk(keys, K, dim=1).indices.sort(dim=1).values
+        assert torch.equal(rank_discounted(U, N, K, T, torch.Generator().manual_seed(seed)), want)
+
+
 def test_rank_discounted_sampling_keeps_teacher_order_and_follows_the_discount():
     g = torch.Generator().manual_seed(0)
     r = rank_discounted(4000, 50, 5, 10.0, g)

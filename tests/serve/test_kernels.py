@@ -1,21 +1,11 @@
 """The fused CPU top-k kernel (rayrec/csrc/dot_topk.cpp behind torch.ops.rayrec.dot_topk) against float64 brute
 force, its tie rule, its error path, and the exported serving graph that calls it."""
 
-import shutil
-
 import pytest
 import torch
 
 from rayrec import kernels
 from rayrec.kernels import dot_topk
-
-
-def _native():
-    if kernels.native() is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail(f"a C++ compiler is here but the kernel did not build: {kernels.native_error()}")
-        pytest.skip(f"no C++ compiler: {kernels.native_error()}")
-    return kernels.native()
 
 
 def _check(q, kt, k, values, ids):
@@ -30,8 +20,8 @@ def _check(q, kt, k, values, ids):
 
 @pytest.mark.parametrize("B,D,I,k", [(1, 20, 25_182, 20), (3, 6, 64, 5), (5, 1, 65, 1), (67, 20, 1_000, 20),
                                      (9, 33, 63, 63), (6, 200, 9_000, 50), (300, 8, 40_000, 3)])
-def test_kernel_matches_float64_brute_force(B, D, I, k):
-    native = _native()
+def test_kernel_matches_float64_brute_force(B, D, I, k, native_kernels):
+    native = native_kernels
     g = torch.Generator().manual_seed(B * 7919 + D * 31 + I)
     q, kt = torch.randn(B, D, generator=g), torch.randn(D, I, generator=g)
     values, ids = native.dot_topk(q, kt, k)
@@ -44,8 +34,8 @@ def test_kernel_matches_float64_brute_force(B, D, I, k):
 
 @pytest.mark.parametrize("I,threads,k", [(100, 2, 30), (3_000, 1, 30), (3_000, 2, 30), (3_000, 3, 30),
                                          (3_000, 1, 700), (3_000, 2, 700)])
-def test_ties_go_to_the_lower_item_id(I, threads, k):
-    native = _native()
+def test_ties_go_to_the_lower_item_id(I, threads, k, native_kernels):
+    native = native_kernels
     # every item of a group scores the same: I items hold five values in shuffled positions. 2 users over 3,000
     # items on 2-3 threads: the threads split the items and their lists are merged
     before = torch.get_num_threads()
@@ -65,10 +55,10 @@ def test_ties_go_to_the_lower_item_id(I, threads, k):
 
 
 @pytest.mark.parametrize("k,threads", [(100, 1), (500, 2), (500, 1), (30, 2)])
-def test_exclusions_and_long_lists_match_brute_force(k, threads):
+def test_exclusions_and_long_lists_match_brute_force(k, threads, native_kernels):
     # k > 64 keeps a heap per user (ranking's top-500); excluded items (a user's train items) never come back; a
     # user with fewer than k admissible items is padded with -inf / -1 when pad=True, an error otherwise
-    native = _native()
+    native = native_kernels
     g = torch.Generator().manual_seed(k + threads)
     B, D, I = 11, 16, 2_000
     q, kt = torch.randn(B, D, generator=g), torch.randn(D, I, generator=g)
@@ -103,8 +93,8 @@ def test_exclusions_and_long_lists_match_brute_force(k, threads):
     assert torch.equal(fi < 0, ids < 0)
 
 
-def test_splitting_users_or_items_over_threads_gives_the_same_answer():
-    native = _native()
+def test_splitting_users_or_items_over_threads_gives_the_same_answer(native_kernels):
+    native = native_kernels
     g = torch.Generator().manual_seed(1)
     q, kt = torch.randn(13, 20, generator=g), torch.randn(20, 7_001, generator=g)
     before = torch.get_num_threads()
@@ -122,8 +112,8 @@ def test_splitting_users_or_items_over_threads_gives_the_same_answer():
     _check(q, kt, 20, *got[2])
 
 
-def test_errors_are_clear():
-    native = _native()
+def test_errors_are_clear(native_kernels):
+    native = native_kernels
     with pytest.raises(RuntimeError, match="k must be in"):
         native.dot_topk(torch.randn(2, 4), torch.randn(4, 10), 11)
     with pytest.raises(RuntimeError, match="queries"):
@@ -134,8 +124,8 @@ def test_errors_are_clear():
         native.dot_topk(torch.randn(2, 4), kt, 5)
 
 
-def test_the_op_runs_the_kernel_on_cpu_float32_and_matmul_topk_elsewhere(monkeypatch):
-    native = _native()
+def test_the_op_runs_the_kernel_on_cpu_float32_and_matmul_topk_elsewhere(monkeypatch, native_kernels):
+    native = native_kernels
     torch.manual_seed(0)
     q, kt = torch.randn(40, 20), torch.randn(20, 3_000)
     calls = []
@@ -153,8 +143,7 @@ def test_the_op_runs_the_kernel_on_cpu_float32_and_matmul_topk_elsewhere(monkeyp
     torch.testing.assert_close(vf, v, rtol=1e-5, atol=1e-5)
 
 
-def test_a_narrow_student_exports_with_the_fused_op_and_serves_any_batch(tmp_path):
-    _native()
+def test_a_narrow_student_exports_with_the_fused_op_and_serves_any_batch(tmp_path, native_kernels):
     from rayrec.models import BPR
     from rayrec.serve import serving_module
 
@@ -175,8 +164,7 @@ def test_a_narrow_student_exports_with_the_fused_op_and_serves_any_batch(tmp_pat
             torch.testing.assert_close(scores.gather(1, items), values.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_every_dot_model_serves_fused_and_non_finite_tables_are_refused(monkeypatch):
-    _native()
+def test_every_dot_model_serves_fused_and_non_finite_tables_are_refused(monkeypatch, native_kernels):
     from rayrec import serve
     from rayrec.models import BPR
     from rayrec.serve import serving_module

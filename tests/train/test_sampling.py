@@ -65,3 +65,25 @@ def test_retesting_only_redrawn_positions_gives_the_same_draws(n):
         got = s.sample(users, n, torch.Generator().manual_seed(seed))
         assert torch.equal(got, _resample_all(s, users, n, torch.Generator().manual_seed(seed)))
         assert not s.contains(users, got).any()
+
+
+def test_native_row_search_and_the_key_search_agree(monkeypatch, native_kernels):
+    rng = np.random.default_rng(0)
+    U, I = 300, 1000
+    degree = rng.integers(0, 60, U)
+    degree[[0, 7, U - 1]] = 0  # empty rows, first and last included
+    indptr = np.concatenate([[0], np.cumsum(degree)])
+    indices = np.concatenate([rng.permutation(I)[:d] for d in degree]).astype(np.int64)  # rows unsorted
+    native = NegativeSampler(indptr, indices, num_items=I)
+    users = torch.as_tensor(rng.integers(0, U, 4000))
+    items = torch.as_tensor(rng.integers(0, I, (4000, 3)))
+    hit = rng.integers(0, len(indices), 500)  # train pairs: many true hits
+    users[:500], items[:500, 0] = torch.as_tensor(np.repeat(np.arange(U), degree)[hit]), torch.as_tensor(indices[hit])
+    items[:, 2] = torch.as_tensor([I - 1] * 2000 + [0] * 2000)  # the id range's ends
+    monkeypatch.setattr("rayrec.kernels.native", lambda: None)
+    keys = NegativeSampler(indptr, indices, num_items=I)
+    assert native._native is not None and keys._native is None
+    want = keys.contains(users, items)
+    assert want[:500, 0].all() and want.sum() > 500 and torch.equal(native.contains(users, items), want)
+    gen = lambda: epoch_generator(0, 3, 1)  # noqa: E731
+    assert torch.equal(native.sample_distinct(users, 4, gen()), keys.sample_distinct(users, 4, gen()))
