@@ -1,4 +1,4 @@
-"""Native CPU kernels, built on first use, behind torch ops that work without them.
+"""Native CPU kernels, built on first use, behind torch ops and functions that work without them.
 
 ``torch.ops.rayrec.dot_topk(queries [B, D], keys_t [D, I], k) -> (values [B, k], ids [B, k])``: the ``k`` best
 items of every row of ``queries @ keys_t``, best first. On CPU (float32) it runs the fused kernel of
@@ -10,10 +10,15 @@ in any order in the fallback.
 The op is a registered ``torch.library`` custom op, so ``torch.export`` keeps it as one node: an exported student
 (``rayrec.serve``) loads wherever ``rayrec`` imports, and runs the kernel where it can be built.
 
-The build (``torch.utils.cpp_extension.load``, needs a C++ compiler and ninja; about 25 s on 2 cores;
+For training (``rayrec/csrc/list_rank.cpp``): :func:`rrd_nll`, RRD's relaxed ranking loss over each user's list of
+gathered dot products, with a backward that scatters into both tables in one deterministic pass; and
+``csr_contains``, the negative samplers' membership test (:class:`rayrec.train.sampling.NegativeSampler`). Both
+have plain-PyTorch fallbacks.
+
+The build (``torch.utils.cpp_extension.load``, needs a C++ compiler and ninja; about 40 s on 2 cores;
 ``scripts/install.sh`` does it once) is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
 compiled for the machine it runs on (``-march=native``: AVX-512 where the CPU has it, a portable loop elsewhere) and
-named after the CPU (:func:`_cpu_tag`). ``RAYREC_NATIVE=0`` turns the kernel off (the fallback runs).
+named after the CPU (:func:`_cpu_tag`). ``RAYREC_NATIVE=0`` turns the kernels off (the fallbacks run).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def _build():
         return module, None
     except Exception as e:  # no compiler, no ninja, a read-only cache: the fallback still serves
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        log.warning("rayrec: the native dot_topk kernel could not be built (%s); using matmul + top-k", reason)
+        log.warning("rayrec: the native kernels could not be built (%s); using their PyTorch fallbacks", reason)
         return None, reason
 
 

@@ -35,5 +35,5 @@ echo "install.sh: installing the $stack stack into .venv (first run takes a few 
 .venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray; print("install.sh: torch", torch.__version__, "| torchrec", torchrec.__version__, "| ray", ray.__version__)'
 # build the fused CPU top-k kernel now rather than in the first job (rayrec/kernels.py; without a compiler the
 # matmul + top-k fallback serves, and this says so)
-.venv/bin/python -c 'from rayrec import kernels; print("install.sh: native kernel", "built" if kernels.native() else "not built (" + str(kernels.native_error()) + "); the fallback serves")'
+.venv/bin/python -c 'from rayrec import kernels; print("install.sh: native kernels", "built" if kernels.native() else "not built (" + str(kernels.native_error()) + "); the PyTorch fallbacks run")'
 echo "$stack $want" > "$stamp"
