@@ -44,3 +44,39 @@ def test_prefetching_the_next_epoch_trains_the_same_run(ray_session, prepared, t
     assert all(h["time/data_wait_s"] >= h["time/data_first_s"] >= 0 for r in runs for h in r["history"])
     a, b = (ml100k_config(tmp_path, f"train.prefetch_epoch={p}") for p in ("false", "true"))
     assert config_fingerprint(a) == config_fingerprint(b)  # not part of what a run trains
+
+
+class _Shard:
+    """A Ray Data shard's ``iter_batches`` over an in-memory stream: consecutive slices, the last one short."""
+
+    def __init__(self, n):
+        import numpy as np
+
+        self.user, self.item, self.calls = np.arange(n) % 97, np.arange(n) * 3, []
+
+    def iter_batches(self, batch_size, batch_format):
+        assert batch_format == "numpy"
+        self.calls.append(batch_size)
+        for a in range(0, len(self.user), batch_size):
+            yield {"user": self.user[a : a + batch_size], "item": self.item[a : a + batch_size]}
+
+
+@pytest.mark.parametrize("n,fetch", [(1000, 64), (1000, 1000), (1037, 300), (5, 64), (0, 64)])
+def test_fetching_many_chunks_at_once_gives_the_same_batches(n, fetch, monkeypatch):
+    import torch
+
+    from rayrec.config import TrainConfig
+    from rayrec.train import loop
+
+    tc = TrainConfig(shuffle_buffer=100, shuffle="blocks", seed=3)
+    monkeypatch.setattr(loop, "FETCH_ROWS", 100)  # one chunk per fetch: Ray Data's batches are the chunks
+    one = list(loop.epoch_batches(_Shard(n), tc, 32, 2))
+    monkeypatch.setattr(loop, "FETCH_ROWS", fetch)
+    shard = _Shard(n)
+    many = list(loop.epoch_batches(shard, tc, 32, 2))
+    assert shard.calls == [max(100, fetch // 100 * 100)]
+    assert len(one) == len(many) == -(-n // 32)
+    for a, b in zip(one, many):
+        assert torch.equal(a["user"], b["user"]) and torch.equal(a["item"], b["item"])
+    if n:
+        assert sorted(torch.cat([b["item"] for b in many]).tolist()) == list(range(0, 3 * n, 3))  # every row once
