@@ -146,10 +146,11 @@ class TrainConfig:
     # student alone 1.18 vs 1.22 s an epoch, a d=200 model 6.61 vs 6.63 s, RRD 2.31 vs 2.28, one-hot DE 6.15 vs 5.55)
     grad_sync: Literal["rows", "dense"] = "dense"
     # fault injection for tests and drills, once per run at global step `fault_step` on worker `fault_rank` (-1 =
-    # never): exit = the process dies (os._exit); nan = that rank's loss becomes NaN (a numerical blow-up)
+    # never): exit = the process dies (os._exit); nan = that rank's loss becomes NaN (a numerical blow-up); inf = its
+    # loss becomes +inf while its gradients stay finite (a term that overflowed without a gradient)
     fault_step: int = -1
     fault_rank: int = 1
-    fault_kind: Literal["exit", "nan"] = "exit"
+    fault_kind: Literal["exit", "nan", "inf"] = "exit"
 
     def __post_init__(self) -> None:
         for k in ("max_epochs", "batch_size", "num_negatives", "patience", "checkpoint_every", "num_to_keep"):

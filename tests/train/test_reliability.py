@@ -71,15 +71,18 @@ def test_without_retries_a_killed_worker_fails_the_run(ray_session, prepared, tm
             prepared=prepared)
 
 
-def test_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(ray_session, prepared, tmp_path):
-    # rank 1's loss turns NaN in epoch 1: both ranks stop at that step (none hangs in a collective), the error
-    # names the step and every rank's loss terms, and the epoch-0 checkpoint is the last one
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(kind, ray_session, prepared,
+                                                                                     tmp_path):
+    # rank 1's loss turns NaN (its gradients too) or +inf (its gradients stay finite) in epoch 1: both ranks stop at
+    # that step (none hangs in a collective), the error names the step and every rank's loss terms, and the epoch-0
+    # checkpoint is the last one. No per-step collective carries the flag: rank 1's gradients, all-reduced by DDP
     with pytest.raises(NonFiniteError) as e:
         fit(_cfg(tmp_path, "train.max_epochs=3", "ray.num_workers=2", "train.fault_step=150", "train.fault_rank=1",
-                 "train.fault_kind=nan"), prepared=prepared)
+                 f"train.fault_kind={kind}"), prepared=prepared)
     msg = str(e.value)
-    assert "non-finite loss at epoch 1, step 150" in msg and "rank 1: base=nan" in msg, msg
-    assert "rank 0: base=" in msg and "rank 0: base=nan" not in msg
+    assert "non-finite loss at epoch 1, step 150" in msg and f"rank 1: base={kind}" in msg, msg
+    assert "rank 0: base=" in msg and f"rank 0: base={kind}" not in msg
     last = Path(msg.rsplit("last good checkpoint: ", 1)[1])
     state = json.loads((last / "state.json").read_text())
     assert state["epoch"] == 1 and len(state["history"]) == 1  # epoch 0's checkpoint; epoch 1 was never saved
