@@ -184,7 +184,7 @@ def _chunks(shard, chunk: int):
     """The shard's rows as consecutive int64 ``(user, item)`` arrays of ``chunk`` rows (the last one short), fetched
     from Ray Data ``FETCH_ROWS // chunk`` chunks at a time: the rows ``iter_batches(batch_size=chunk)`` gives, cut
     the same way, with Ray Data's per-batch work paid once per fetch. That work runs in threads of this process
-    beside the training steps: fetching 16k-row chunks cost a 1-worker student epoch ~0.06 s of 0.25 s.)"""
+    beside the training steps: fetching 16k-row chunks cost a 1-worker student epoch ~0.06 s of 0.25 s."""
     import numpy as np
 
     fetch = chunk * max(1, FETCH_ROWS // chunk)
@@ -448,9 +448,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 print(f"[train] fault injection: rank {rank} {what} at step {state['step']} (epoch {epoch})", flush=True)
                 if tc.fault_kind == "exit":
                     os._exit(1)  # a hard worker death (no exception, no clean-up): Ray Train restarts the group
-                bad = float("nan") if tc.fault_kind == "nan" else float("inf")
-                loss = loss * bad if tc.fault_kind == "nan" else loss + bad  # inf: the gradients stay finite
-                terms = {**terms, "base": terms["base"] * bad if tc.fault_kind == "nan" else terms["base"] + bad}
+                if tc.fault_kind == "nan":
+                    loss, terms = loss * float("nan"), {**terms, "base": terms["base"] * float("nan")}
+                else:  # inf: the gradients stay finite
+                    loss, terms = loss + float("inf"), {**terms, "base": terms["base"] + float("inf")}
             loss_bad = float(tc.check_finite and not bool(torch.isfinite(loss)))
             if sync is not None:
                 sync.flag, sync.flag_sum = loss_bad, None
