@@ -143,6 +143,39 @@ def test_the_op_runs_the_kernel_on_cpu_float32_and_matmul_topk_elsewhere(monkeyp
     torch.testing.assert_close(vf, v, rtol=1e-5, atol=1e-5)
 
 
+def test_a_copy_of_the_package_elsewhere_loads_the_build_without_compiling(tmp_path, native_kernels):
+    """`ray job submit --working-dir` runs every job from a new copy of the package: it must load the existing build,
+    not recompile (ninja rebuilds when a source path changes: ~40 s per job, then again for the original path).
+    Here a rebuild cannot happen (no compiler), so the copy either loads the very same module file or has none."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copytree(Path(kernels.__file__).parent, tmp_path / "rayrec", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("from rayrec import kernels; m = kernels.native(); print(kernels.__file__); "
+            "print(m.__file__ if m else kernels.native_error())")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CXX": "/bin/false", "CC": "/bin/false"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [str(tmp_path / "rayrec" / "kernels.py"), native_kernels.__file__], p.stderr[-2000:]
+
+
+def test_the_build_is_keyed_by_the_sources_bytes(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    copies = []
+    for p in kernels._SOURCES:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+        copies.append(tmp_path / p.name)
+    key = kernels._build_key()
+    monkeypatch.setattr(kernels, "_SOURCES", copies)
+    assert kernels._build_key() == key  # where the files lie does not matter
+    Path(copies[1]).write_bytes(copies[1].read_bytes() + b"// changed\n")
+    assert kernels._build_key() != key  # their bytes do: a changed kernel never loads a stale build
+
+
 def test_a_narrow_student_exports_with_the_fused_op_and_serves_any_batch(tmp_path, native_kernels):
     from rayrec.models import BPR
     from rayrec.serve import serving_module
