@@ -74,10 +74,11 @@ def head(tmp_path_factory):
             pytest.fail(f"ray start --head exited ({attempt + 1} tries): {log_path.read_text()[-2000:]}")
     yield url, env
     # only what this test started: the head's process group, then any of its processes that left the group (every
-    # one of them names this head's temp dir); Ray's graceful stop alone took ~30 s here
+    # one of them names this head's temp dir); Ray's graceful stop took ~30 s here, and the 10 s this waited for it
+    # never sufficed: 3 s, then kill
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=3)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
