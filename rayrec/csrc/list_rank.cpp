@@ -33,6 +33,7 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include <sleef.h>  // torch's vector math (libtorch_cpu exports Sleef_expf16_u10): exp of 16 floats, within 1 ulp
 #endif
 
 namespace {
@@ -79,6 +80,23 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
 #else
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+#endif
+
+// e[0:n] = exp(s[0:n] - m), 16 at a time (830 lists x 80 items, d=20: forward 0.59 ms with scalar expf, 0.48 with this)
+#if defined(__AVX512F__)
+inline void exp_shifted(const float* __restrict s, float m, float* __restrict e, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(m);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) _mm512_storeu_ps(e + c, Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+  if (c < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - c)) - 1u);
+    _mm512_mask_storeu_ps(e + c, k, Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + c), mv)));
+  }
+}
+#else
+inline void exp_shifted(const float* __restrict s, float m, float* __restrict e, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) e[c] = std::exp(s[c] - m);
 }
 #endif
 
@@ -175,7 +193,7 @@ std::tuple<torch::Tensor, torch::Tensor> rrd_forward(const torch::Tensor& U, con
       }
       double sum = 0.0, prod = 1.0, asum = 0.0;
       int64_t twos = 0;  // sum_k log(S_k e^{-m}) = log(prod) + twos log 2: one logarithm per row
-      for (int64_t c = 0; c < C; ++c) e[c] = std::exp(s[c] - m);
+      exp_shifted(s.data(), m, e.data(), C);
       for (int64_t j = 0; j < L; ++j) sum += e[K + j];
       for (int64_t k = K - 1; k >= 0; --k) {
         sum += e[k];  // S_k e^{-m} in [e^{-80}, C]
