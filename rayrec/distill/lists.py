@@ -1,8 +1,8 @@
 """Per-epoch item lists drawn from the teacher's ranking, vectorised over users (no dense users x items mask).
 
 - :func:`rank_discounted` — DE-RRD's interesting items: ``K`` distinct ranks out of the teacher's top-``N`` with
-  probability ``∝ exp(-r / T)`` (Gumbel-top-k: one ``[U, N]`` block of noise, chunked over users), sorted so the
-  items keep the teacher's order.
+  probability ``∝ exp(-r / T)`` (Gumbel-top-k, drawing full noise only where a late rank could enter), sorted so
+  the items keep the teacher's order.
 - :class:`Uninteresting` — ``L`` distinct items per user drawn uniformly from the items that are neither the
   user's training items nor in the teacher's top-``N`` (rejection against one sorted key array, see
   :class:`rayrec.train.sampling.NegativeSampler`).
