@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. ray.num_workers=1")
     args = ap.parse_args(argv)
     sha = commit()  # the code that produces the numbers, captured before the (long) runs
-    overrides = list(args.overrides)
-    if args.smoke:
-        overrides += ["train.max_epochs=1", "storage_root=runs/smoke"]
+    # --smoke's defaults first: a storage_root given on the command line (the tests' tmp dir) wins
+    overrides = [*(["train.max_epochs=1", "storage_root=runs/smoke"] if args.smoke else []), *args.overrides]
     rows, table = [], {}
     for dim in args.dims:
         cfg = load_config([CONFIG_DIR / "benchmarks/bpr_citeulike.yaml", CONFIG_DIR / f"model/bpr_d{dim}.yaml"],

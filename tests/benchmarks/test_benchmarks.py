@@ -47,6 +47,7 @@ def test_bpr_citeulike_smoke(ray_session, tmp_path):
     doc = _check_format(main(["ray.num_workers=1", f"storage_root={tmp_path}", "--smoke", "--dims", "20"]))
     (row,) = doc["rows"]
     assert row["label"] == "bpr_d20" and row["extra"]["num_parameters"] == 608_040
+    assert list((tmp_path / "ray_train").glob("bench_bpr_d20-*"))  # the given storage root, not runs/smoke
     assert set(row["metrics"]) >= {"test/H@5", "test/N@5", "test/H@10", "test/N@10", "test/H@20", "test/N@20",
                                    "full/Recall@20", "full/NDCG@20"}
 
