@@ -17,6 +17,10 @@ std::tuple<torch::Tensor, torch::Tensor> list_dot_backward(const torch::Tensor& 
                                                            const torch::Tensor& items, bool need_u, bool need_v);
 torch::Tensor csr_contains(const torch::Tensor& indptr, const torch::Tensor& indices, const torch::Tensor& users,
                            const torch::Tensor& items);
+std::tuple<torch::Tensor, torch::Tensor> csr_sample_distinct(const torch::Tensor& indptr, const torch::Tensor& indices,
+                                                             const torch::Tensor& users, const torch::Tensor& cand,
+                                                             int64_t n, int64_t num_items);
+std::tuple<torch::Tensor, torch::Tensor> gumbel_topk_head(const torch::Tensor& u, double T, int64_t K);
 }  // namespace rayrec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -31,6 +35,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("items"), py::arg("need_u"), py::arg("need_v"));
   m.def("csr_contains", &rayrec::csr_contains, "membership of (user, item) pairs in a CSR with sorted rows (CPU)",
         py::arg("indptr"), py::arg("indices"), py::arg("users"), py::arg("items"));
+  m.def("csr_sample_distinct", &rayrec::csr_sample_distinct, "per row, the first n candidates outside the user's CSR "
+        "row and distinct (CPU)", py::arg("indptr"), py::arg("indices"), py::arg("users"), py::arg("cand"),
+        py::arg("n"), py::arg("num_items"));
+  m.def("gumbel_topk_head", &rayrec::gumbel_topk_head, "per row the top K of -r/T + Gumbel(u_r) as ascending ranks, "
+        "and the K-th key (CPU, float32)", py::arg("u"), py::arg("T"), py::arg("K"));
   m.attr("avx512") = py::bool_(
 #if defined(__AVX512F__)
       true

@@ -9,6 +9,8 @@ Each worker holds the user -> train-items CSR, each row sorted (8 bytes per trai
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -47,6 +49,7 @@ class NegativeSampler:
             self.indptr = torch.zeros(len(degree) + 1, dtype=torch.int64)
             torch.cumsum(degree, 0, out=self.indptr[1:])
             self.items, self.keys = keys % num_items, None  # [nnz]
+            self._max_degree: int | None = None
         else:
             self.keys = keys
 
@@ -80,8 +83,36 @@ class NegativeSampler:
         raise RuntimeError(f"negative sampling did not converge in {self.max_rounds} rounds (users too dense?)")
 
     def sample_distinct(self, users: Tensor, n: int, generator: torch.Generator) -> Tensor:
-        """Like :meth:`sample` but without replacement within each row (RRD's uninteresting items) ``[B, n]``."""
+        """Like :meth:`sample` but without replacement within each row (RRD's uninteresting items) ``[B, n]``.
+
+        With the native kernels: ``M`` uniform candidates per row (enough that a row rarely runs short, from the
+        densest row's share of excluded items), and per row the first ``n`` that are neither excluded nor repeated
+        (``csr_sample_distinct``): sequential rejection, i.e. uniform without replacement over the allowed items. A
+        row that runs short is redrawn whole by the rounds below; whether a row runs short depends on how many of
+        its candidates were rejected, not on which items it kept, so the rows kept stay uniform. RRD's 5,220 x 40
+        over the 2.7M train + top-500 ids, one thread: 21 -> 5 ms."""
         users = users.to(torch.int64).cpu()
+        if self._native is not None and n > 0 and users.numel():
+            cand = torch.randint(0, self.num_items, (users.shape[0], self._candidates(n)), generator=generator)
+            out, ok = self._native.csr_sample_distinct(self.indptr, self.items, users, cand, n, self.num_items)
+            short = torch.nonzero(~ok).flatten()
+            if len(short):
+                out[short] = self._distinct_rounds(users[short], n, generator)
+            return out
+        return self._distinct_rounds(users, n, generator)
+
+    def _candidates(self, n: int) -> int:
+        """Candidates per row for ``n`` distinct allowed items: the expected need of the densest row (``n`` kept of
+        candidates each accepted with ``p >= (I - max degree - n) / I``), plus 4 standard deviations and 8."""
+        if self._max_degree is None:
+            self._max_degree = int((self.indptr[1:] - self.indptr[:-1]).max()) if len(self.indptr) > 1 else 0
+        p = (self.num_items - self._max_degree - n) / self.num_items
+        if p <= 0:
+            return 4 * n + 64  # too dense for a bound: the rounds finish what these leave
+        return min(int(math.ceil((n + 4 * math.sqrt(n / p) + 8) / p)), 64 * n + 1024)
+
+    def _distinct_rounds(self, users: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        """:meth:`sample`, then rows with a repeated id redrawn (only the repeats) until none repeats."""
         out = self.sample(users, n, generator)
         for _ in range(self.max_rounds):
             srt, order = torch.sort(out, dim=1)

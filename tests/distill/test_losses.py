@@ -173,6 +173,40 @@ def test_rank_discounted_draws_like_the_top_k_of_all_gumbel_keys(U, N, K, T, hea
         assert (got >= head).any(dim=1).float().mean() > 0.2  # the later ranks did enter, often
 
 
+def test_native_gumbel_head_chooses_what_topk_chooses(native_kernels):
+    # the first R ranks' keys and their top K: the native selection against torch.topk over the same uniforms,
+    # R not a multiple of 16 (the kernel's scalar tail), and ties (equal uniforms at equal logits: T huge)
+    from rayrec.distill.lists import _gumbel
+
+    for B, R, K, T in ((5000, 120, 40, 10.0), (3000, 37, 5, 2.0), (2000, 24, 24, 3.0), (500, 20, 7, 1e30)):
+        u = torch.rand(B, R, generator=torch.Generator().manual_seed(R))
+        if T == 1e30:
+            u[:, 10:] = u[:, :10]  # every key twice: the smaller rank wins the tie
+        ranks, kth = native_kernels.gumbel_topk_head(u, T, K)
+        top = torch.topk(-torch.arange(R, dtype=torch.float32) / T + _gumbel(u), K, dim=1)
+        want = top.indices.sort(dim=1).values
+        if T == 1e30:  # torch.topk breaks ties its own way: compare the chosen keys, and the smaller-rank rule
+            keys = -torch.arange(R, dtype=torch.float32) / T + _gumbel(u)
+            assert torch.equal(keys.gather(1, ranks).sort(dim=1).values, keys.gather(1, want).sort(dim=1).values)
+            assert ((ranks < 10).sum(1) == 4).all()  # 3 tied pairs whole, and of the 4th the smaller rank
+        else:
+            assert torch.equal(ranks, want)
+        torch.testing.assert_close(kth, top.values[:, -1], rtol=1e-6, atol=1e-6)  # logs may round apart
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_rank_discounted_is_the_same_with_and_without_the_kernels(monkeypatch, native):
+    if not native:
+        monkeypatch.setattr("rayrec.kernels.native", lambda: None)
+    got = rank_discounted(3000, 500, 40, 10.0, torch.Generator().manual_seed(3))
+    monkeypatch.undo()
+    from rayrec.kernels import native as lib
+
+    if lib() is None:
+        pytest.skip("native kernels not built")
+    assert torch.equal(got, rank_discounted(3000, 500, 40, 10.0, torch.Generator().manual_seed(3)))
+
+
 def test_rank_discounted_sampling_keeps_teacher_order_and_follows_the_discount():
     g = torch.Generator().manual_seed(0)
     r = rank_discounted(4000, 50, 5, 10.0, g)

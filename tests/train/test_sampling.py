@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -85,5 +87,30 @@ def test_native_row_search_and_the_key_search_agree(monkeypatch, native_kernels)
     assert native._native is not None and keys._native is None
     want = keys.contains(users, items)
     assert want[:500, 0].all() and want.sum() > 500 and torch.equal(native.contains(users, items), want)
-    gen = lambda: epoch_generator(0, 3, 1)  # noqa: E731
-    assert torch.equal(native.sample_distinct(users, 4, gen()), keys.sample_distinct(users, 4, gen()))
+    for s in (native, keys):  # (their draws differ: see the next test for the native law)
+        got = s.sample_distinct(users, 4, epoch_generator(0, 3, 1))
+        assert (got.sort(dim=1).values.diff(dim=1) > 0).all() and not s.contains(users, got).any()
+
+
+@pytest.mark.parametrize("candidates", [None, 3])  # 3: rows often run short, and the rounds redraw them
+def test_native_distinct_sampling_is_uniform_without_replacement(monkeypatch, native_kernels, candidates):
+    # user 0: 3 of 10 items excluded (35 allowed 3-sets); user 1: 6 excluded (4 allowed 3-sets); user 2: none
+    indptr, indices = np.array([0, 3, 9, 9]), np.array([1, 4, 7, 0, 1, 2, 3, 5, 6])
+    s = NegativeSampler(indptr, indices, num_items=10)
+    assert s._native is not None
+    if candidates is not None:
+        monkeypatch.setattr(s, "_candidates", lambda n: candidates)
+    users = torch.tensor([0, 1, 2]).repeat(30_000)
+    got = s.sample_distinct(users, 3, torch.Generator().manual_seed(0))
+    for u, allowed in ((0, [0, 2, 3, 5, 6, 8, 9]), (1, [4, 7, 8, 9]), (2, list(range(10)))):
+        rows = got[users == u].sort(dim=1).values
+        assert (rows.diff(dim=1) > 0).all() and torch.isin(rows, torch.tensor(allowed)).all()
+        code = (rows * torch.tensor([100, 10, 1])).sum(1)  # each 3-set
+        _, counts = torch.unique(code, return_counts=True)
+        n_sets = math.comb(len(allowed), 3)
+        assert len(counts) == n_sets  # every allowed 3-set occurs, with the same frequency
+        torch.testing.assert_close(counts.double() / len(rows), torch.full((n_sets,), 1 / n_sets, dtype=torch.float64),
+                                   rtol=0, atol=0.15 / n_sets + 2e-3)
+    # the order inside a row is the draw order, not sorted: the first column is uniform over the allowed items too
+    first = torch.bincount(got[users == 0][:, 0], minlength=10).double() / 30_000
+    assert first[[1, 4, 7]].sum() == 0 and (first[[0, 2, 3, 5, 6, 8, 9]] - 1 / 7).abs().max() < 0.015
