@@ -31,14 +31,16 @@ from benchmarks.common import (add_device_arg, command_line, commit, device_of, 
                                synchronize, write_table_result)
 
 
-def matmul_rate(threads: int, n: int = 2048, reps: int = 5, device: torch.device = torch.device("cpu")) -> float:
-    """fp32 dense matmul FLOP/s of this machine (``device``; on CPU with ``threads`` threads), best of ``reps``."""
+def matmul_rate(threads: int, n: int = 2048, reps: int = 5, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> float:
+    """Dense matmul FLOP/s of this machine in ``dtype`` (fp32 by default; ``device``; on CPU with ``threads``
+    threads), best of ``reps``."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     if device.type == "cuda":
         n = max(n, 8192)  # a GPU needs a larger GEMM to reach its rate
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 rate, as the scoring below runs in fp32
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     synchronize(device)
     best = float("inf")

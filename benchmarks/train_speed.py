@@ -19,7 +19,10 @@ Two result files:
   / plain rows/s (target >= 0.8); ``extra.data_wait_s``: of a measured epoch, the seconds rank 0's loop waited for
   its next batch (``time/data_wait_s``, the Ray Data side of the gap).
 - ``method_cost.json``: per method, the 1-worker epoch time / the student-alone epoch time
-  (``extra.epoch_ratio``; targets DE <= 6, RRD <= 2), and ``full_eval``: the full-ranking evaluation of every user
+  (``extra.epoch_ratio``; targets DE <= 6, RRD <= 2); for the DE rows also the experts' forward and backward FLOPs
+  per epoch (counted by DE in the plain loop) over this machine's one-thread dense matmul rate (fp32; bf16 for
+  ``de_bf16``), as a ratio to the same student epoch (``extra.flop_floor_ratio``: the lowest ratio any code could
+  reach here); and ``full_eval``: the full-ranking evaluation of every user
   (test split, Recall/NDCG@20, 1 thread; the median of 3 after a first call, as every epoch of a run evaluates with
   the same data) / one student-alone epoch (``extra.eval_vs_student_epoch_ratio``, target
   <= 1). With ``--workers 0`` (the plain loop only) the method costs are the plain epochs' and ``full_eval``
@@ -128,12 +131,15 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     smoke_mkd = ["distill.cpd.mxK=100", "distill.sld.K=10"] if args.smoke else []
     base_cfg = _config(args, "none", teacher, ranking, [])
     prepared = prepare(base_cfg.data, prepared_root(base_cfg), progress=lambda s: None)
-    tput, cost, epoch_s = [], [], {}
+    tput, cost, epoch_s, de_gflop = [], [], {}, {}
     eval_row = None
     for method in args.methods:
         over = smoke_mkd if method == "mkd" else []
-        rows_s, ep = _rate(plain_epochs(_config(args, method, teacher, ranking, over), prepared, args.epochs + 1,
-                                        device=device))
+        eps = plain_epochs(_config(args, method, teacher, ranking, over), prepared, args.epochs + 1, device=device)
+        rows_s, ep = _rate(eps)
+        measured = eps[1:] or eps
+        if "kd/de_gflop" in measured[0]["metrics"]:  # DE's expert work per epoch: a floor on its epoch time
+            de_gflop[method] = sum(e["metrics"]["kd/de_gflop"] for e in measured) / len(measured)
         # a cheap epoch (the student alone: ~0.2 s) is measured over at least --min-seconds of epochs, so the noise of
         # a few epochs right after Ray starts (0.24-0.42 s for the same loop) averages out
         n = min(40, max(args.epochs, math.ceil(args.min_seconds / max(ep, 1e-3))))
@@ -175,12 +181,23 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
             fresh = build_model("bpr", pd.num_users, pd.num_items, 20, base_cfg.model.init_std)
             eval_row = _full_eval(fresh, prepared, base_cfg, device)
             eval_row["extra"]["student"] = "untrained (plain loop only)"
+    rates = {}  # one thread's dense matmul rate, as the methods' epochs run on one thread
     for method in args.methods:
+        extra = {"epoch_ratio": round(epoch_s[method] / epoch_s["none"], 4),
+                 "target_epoch_ratio": {"de": 6.0, "de_bf16": 6.0, "de_late": 6.0, "rrd": 2.0}.get(method)}
+        if method in de_gflop:
+            # the experts' FLOPs alone at this machine's matmul rate (bf16 for de_bf16): no code reaches below this
+            dtype = torch.bfloat16 if method == "de_bf16" else torch.float32
+            if dtype not in rates:
+                from benchmarks.ranking import matmul_rate
+
+                rates[dtype] = matmul_rate(1, device=device, dtype=dtype)
+            floor_s = de_gflop[method] * 1e9 / rates[dtype]
+            extra.update(expert_gflop_per_epoch=round(de_gflop[method], 1),
+                         matmul_gflop_per_s=round(rates[dtype] / 1e9, 1), matmul_dtype=str(dtype).split(".")[-1],
+                         flop_floor_s=round(floor_s, 3), flop_floor_ratio=round(floor_s / epoch_s["none"], 2))
         cost.append({"label": method, "model": "bpr", "method": method, "dim": 20, "world_size": max(1, min(args.workers)),
-                     "timing": {"epoch_s": round(epoch_s[method], 4)},
-                     "extra": {"epoch_ratio": round(epoch_s[method] / epoch_s["none"], 4),
-                               "target_epoch_ratio": {"de": 6.0, "de_bf16": 6.0, "de_late": 6.0,
-                                                      "rrd": 2.0}.get(method)}})
+                     "timing": {"epoch_s": round(epoch_s[method], 4)}, "extra": extra})
     if eval_row is not None:
         eval_row["extra"]["eval_vs_student_epoch_ratio"] = round(eval_row["timing"]["eval_s"] / epoch_s["none"], 4)
         cost.append(eval_row)
@@ -235,11 +252,15 @@ def _md_throughput(rows: list[dict]) -> str:
 
 
 def _md_cost(rows: list[dict]) -> str:
-    lines = ["| row | seconds | / student-alone epoch |", "|---|---|---|"]
+    lines = ["| row | seconds | / student-alone epoch | experts' FLOP floor / student-alone epoch |",
+             "|---|---|---|---|"]
     for r in rows:
         t = r["timing"].get("epoch_s", r["timing"].get("eval_s"))
         ratio = r["extra"].get("epoch_ratio", r["extra"].get("eval_vs_student_epoch_ratio"))
-        lines.append(f"| {r['label']} | {t:.3f} | {ratio:.3f} |")
+        e = r["extra"]
+        floor = (f"{e['flop_floor_ratio']:.1f} ({e['expert_gflop_per_epoch']:,.0f} GFLOP at "
+                 f"{e['matmul_gflop_per_s']:.0f} GFLOP/s {e['matmul_dtype']})" if "flop_floor_ratio" in e else "-")
+        lines.append(f"| {r['label']} | {t:.3f} | {ratio:.3f} | {floor} |")
     return "\n".join(lines) + "\n"
 
 

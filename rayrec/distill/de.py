@@ -122,6 +122,13 @@ class ExpertMLPs(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.evaluations = 0  # (entity, expert) pairs run through the experts by mixture() so far
+
+    def flop_per_evaluation(self) -> int:
+        """Forward and backward FLOPs of one (entity, expert) pair: ``2 (D_s H + H D_t)`` forward, twice that for the
+        gradients wrt the weights and the input (the student's vector)."""
+        _, d_s, H = self.w1.shape
+        return 3 * 2 * (d_s * H + H * self.d_t)
 
     def expert_outputs(self, h_s: Tensor) -> Tensor:
         """``[B, D_s]`` -> every expert's output ``[B, M, D_t]`` (for inspection; training uses :meth:`mixture`)."""
@@ -168,8 +175,11 @@ class ExpertMLPs(nn.Module):
         # host syncs it needs (H100, CiteULike, plain loop: de_late's one-hot epoch 2.32 s sparse, dense DE 0.53 s)
         if skip_below > 0 and h_s.device.type == "cpu":
             keep = s.detach() >= skip_below  # [B, M]
-            if int(keep.sum()) * 5 <= keep.numel():  # below ~1/5 of the pairs the per-expert GEMMs cost more
+            kept = int(keep.sum())
+            if kept * 5 <= keep.numel():  # below ~1/5 of the pairs the per-expert GEMMs cost more
+                self.evaluations += kept
                 return self._sparse_mixture(h_s, s, keep)
+        self.evaluations += h_s.shape[0] * M
         x = self._hidden(h_s)
         x = (x.view(-1, M, H) * s.to(x.dtype).unsqueeze(-1)).reshape(-1, M * H)  # [B, M·H]
         return x @ self.w2.reshape(M * H, -1) + s @ self.b2  # [B, D_t]
@@ -256,6 +266,11 @@ class DE(DistillMethod):
     def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
         self.tau = tau_at(self.cfg, epoch)
         self.generator = generator
+        for e in self._expert_sets():
+            e.evaluations = 0
+
+    def _expert_sets(self) -> list[Experts]:
+        return [*self.users.values(), *self.items.values()]
 
     def teacher_request(self, batch: DistillBatch) -> TeacherRequest:
         return TeacherRequest(users=batch.uniq_users, items=torch.cat([batch.uniq_pos, batch.uniq_neg]))
@@ -285,4 +300,8 @@ class DE(DistillMethod):
         return {"kd/de": self.cfg.lambda_de * total}
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"kd/tau": self.tau}
+        """``kd/tau``, and this epoch's expert work on this rank: ``kd/de_evaluations`` (entity, expert) pairs and
+        ``kd/de_gflop`` their forward and backward GFLOPs (a floor on the epoch's time at a given matmul rate)."""
+        sets = self._expert_sets()
+        return {"kd/tau": self.tau, "kd/de_evaluations": float(sum(e.evaluations for e in sets)),
+                "kd/de_gflop": sum(e.evaluations * e.flop_per_evaluation() for e in sets) / 1e9}

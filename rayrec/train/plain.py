@@ -26,7 +26,8 @@ def _parquet_stream(path: Path):
 def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threads: int = 1,
                  device: torch.device | str = "cpu") -> list[dict]:
     """Train ``cfg`` for ``epochs`` epochs in this process with ``threads`` torch threads on ``device`` (the
-    teacher's 1-rank group is nccl on CUDA); per epoch ``{"rows", "s", "loss"}`` (the mean base loss per row)."""
+    teacher's 1-rank group is nccl on CUDA); per epoch ``{"rows", "s", "loss", "metrics"}`` (the mean base loss per
+    row; the method's ``epoch_metrics()``)."""
     from rayrec.data.prepared import load_prepared
     from rayrec.eval.evaluate import EvalData
     from rayrec.models import build_model
@@ -92,7 +93,8 @@ def plain_epochs(cfg: ExperimentConfig, prepared: str | Path, epochs: int, threa
                 optim.step()
                 total += float(terms["base"])
             sync()
-            out.append({"rows": len(order), "s": time.perf_counter() - t0, "loss": total / len(order)})
+            out.append({"rows": len(order), "s": time.perf_counter() - t0, "loss": total / len(order),
+                        "metrics": method.epoch_metrics() if method is not None else {}})
         return out
     finally:
         torch.set_num_threads(old_threads)

@@ -135,6 +135,27 @@ def test_de_gradients_reach_experts_and_selection_but_not_the_teacher():
     assert got.item() == pytest.approx(0.01 * (lu.sum() + 0.5 * (li[:n_pos].sum() + li[n_pos:].sum())).item(), rel=1e-5)
 
 
+def test_de_counts_its_expert_work_per_epoch():
+    # the dense mixture (τ = 1) runs every entity through all M experts; once the selection is one-hot (tiny τ)
+    # the sparse path runs one expert per entity; the count restarts with each epoch
+    torch.manual_seed(0)
+    student, teacher = BPR(5, 9, 4, init_std=0.5), BPR(5, 9, 8, init_std=0.5)
+    de = DE(DEConfig(M=6, tau_start=1.0, tau_end=1e-10, anneal_epochs=2), student_dim=4, teacher_dim=8, parts=["emb"])
+    b = _tiny_batch()
+    req = de.teacher_request(b)
+    with torch.no_grad():
+        ans = TeacherAnswer(user=teacher.user_repr(req.users), item=teacher.item_repr(req.items))
+    entities = len(b.uniq_users) + len(b.uniq_pos) + len(b.uniq_neg)  # 3 + 3 + 3
+    per_pair = 6 * (4 * 6 + 6 * 8)  # hidden (4 + 8) // 2 = 6: forward 2 (D_s H + H D_t), backward twice that
+    for epoch, pairs in ((0, 6 * entities), (3, entities)):
+        de.on_epoch_start(epoch, torch.Generator().manual_seed(0))
+        de.losses(batch=b, student=student, teacher=ans)
+        de.losses(batch=b, student=student, teacher=ans)
+        m = de.epoch_metrics()
+        assert m["kd/de_evaluations"] == 2 * pairs
+        assert m["kd/de_gflop"] == pytest.approx(2 * pairs * per_pair / 1e9)
+
+
 def test_neumf_de_distills_gmf_and_mlp_separately():
     student, teacher = NeuMF(5, 9, 4), NeuMF(5, 9, 8)
     de = DE(DEConfig(M=2), student_dim=4, teacher_dim=8, parts=["gmf", "mlp"])

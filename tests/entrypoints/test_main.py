@@ -65,6 +65,10 @@ def test_main_job_runs_the_pipeline_and_writes_the_compare_report(ray_session, t
     rows = {r["label"]: r for r in json.loads(mc.read_text())["rows"]}
     cost = {k: r["extra"]["epoch_ratio"] for k, r in rows.items() if k != "full_eval"}
     assert cost["none"] == 1.0 and cost["de_rrd"] > 1.0  # DE-RRD costs more than the student alone
+    # its experts' FLOPs at this machine's matmul rate: a floor under the measured ratio
+    floor = rows["de_rrd"]["extra"]
+    assert floor["expert_gflop_per_epoch"] > 0 and floor["matmul_gflop_per_s"] > 0
+    assert 0 < floor["flop_floor_ratio"] <= cost["de_rrd"]
     # no Ray run to take a student from: the full evaluation is timed on an untrained one of the same shape
     assert rows["full_eval"]["extra"]["eval_vs_student_epoch_ratio"] > 0
     assert rows["full_eval"]["extra"]["student"].startswith("untrained")
