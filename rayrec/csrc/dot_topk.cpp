@@ -270,6 +270,87 @@ void merge(int T, int64_t B, int k, const float* pv, const int64_t* pi, float* o
   }
 }
 
+#if defined(__AVX512F__)
+// tile_avx512's scores of users q[0..6) x items [j, j + 64), compared in their registers with each user's H
+// thresholds th[a * H + h] (a < nu) and counted into out[a * H + h]: "not below", so a NaN score counts. Storing the
+// tile and reading it back cost as much as its 24 x D FMAs at d = 20.
+template <bool Full>
+inline void tile_count_avx512(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int nt,
+                              const float* th, int64_t H, int nu, int64_t* out) {
+  __mmask16 m[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+  if (!Full)
+    for (int b = 0; b < 4; ++b) {
+      const int n = std::max(0, std::min(16, nt - 16 * b));
+      m[b] = static_cast<__mmask16>((1u << n) - 1);
+    }
+  __m512 c[kUsers][4];
+#pragma GCC unroll 8
+  for (int a = 0; a < kUsers; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) c[a][b] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = kt + d * I;
+    __m512 k[4];
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b)
+      k[b] = Full ? _mm512_loadu_ps(row + 16 * b) : _mm512_maskz_loadu_ps(m[b], row + 16 * b);
+#pragma GCC unroll 8
+    for (int a = 0; a < kUsers; ++a) {
+      const __m512 s = _mm512_set1_ps(q[a][d]);
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b) c[a][b] = _mm512_fmadd_ps(s, k[b], c[a][b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < kUsers; ++a) {
+    if (a >= nu) break;
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 t = _mm512_set1_ps(th[a * H + h]);
+      int64_t n = 0;
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b)
+        n += __builtin_popcount(static_cast<unsigned>(_mm512_mask_cmp_ps_mask(m[b], c[a][b], t, _CMP_NLT_UQ)));
+      out[a * H + h] += n;
+    }
+  }
+}
+#endif
+
+// users [u0, u1) x all items: out[u * H + h] = how many items i have not (q_u . v_i < th[u * H + h]) (a NaN score
+// counts), the scores formed by the same tiles as rows() and never stored beyond one tile
+void count_rows(const float* Q, const float* kt, int64_t D, int64_t I, const float* th, int64_t H, int64_t u0,
+                int64_t u1, int64_t* out) {
+  const int64_t chunk = std::max<int64_t>(kItems, (kL2Bytes / (4 * std::max<int64_t>(D, 1))) / kItems * kItems);
+  for (int64_t u = u0; u < u1; ++u)
+    for (int64_t h = 0; h < H; ++h) out[u * H + h] = 0;
+  for (int64_t ub = u0; ub < u1; ub += kUserBlock) {
+    const int64_t ue = std::min(ub + kUserBlock, u1);
+    for (int64_t c0 = 0; c0 < I; c0 += chunk) {
+      const int64_t c1 = std::min(c0 + chunk, I);
+      for (int64_t u = ub; u < ue; u += kUsers) {
+        const int nu = static_cast<int>(std::min<int64_t>(kUsers, ue - u));
+        const float* q[kUsers];
+        for (int a = 0; a < kUsers; ++a) q[a] = Q + (u + std::min(a, nu - 1)) * D;
+        for (int64_t j = c0; j < c1; j += kItems) {
+          const int nt = static_cast<int>(std::min<int64_t>(kItems, c1 - j));
+#if defined(__AVX512F__)
+          if (nt == kItems)
+            tile_count_avx512<true>(q, kt + j, I, D, 0, th + u * H, H, nu, out + u * H);
+          else
+            tile_count_avx512<false>(q, kt + j, I, D, nt, th + u * H, H, nu, out + u * H);
+#else
+          float acc[kUsers][kItems];
+          tile_generic(q, kt, I, D, j, nt, acc);
+          for (int a = 0; a < nu; ++a)
+            for (int64_t h = 0; h < H; ++h)
+              for (int t = 0; t < nt; ++t) out[(u + a) * H + h] += !(acc[a][t] < th[(u + a) * H + h]);
+#endif
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 namespace rayrec {
@@ -330,6 +411,73 @@ std::tuple<torch::Tensor, torch::Tensor> dot_topk(const torch::Tensor& queries, 
   TORCH_CHECK(pad || B == 0 || ids.min().item<int64_t>() >= 0,
               "dot_topk: fewer than k finite scores for a row (non-finite embeddings?)");
   return {values, ids};
+}
+
+}  // namespace rayrec
+
+namespace rayrec {
+
+// dot_count(queries [B, D], keys_t [D, I], th [B, H]) -> int64 [B, H]: for each row b and column h, how many items
+// i have not (q_b . v_i < th[b, h]) -- a NaN score counts -- with the scores formed as dot_topk forms them (sums over
+// d in order with fused multiply-adds) and never written out. The full-ranking evaluation's compare-and-count pass
+// (rayrec.eval.metrics.HeldoutRanker.positions_dot) without its [B, I] score block.
+torch::Tensor dot_count(const torch::Tensor& queries, const torch::Tensor& keys_t, const torch::Tensor& th) {
+  TORCH_CHECK(queries.device().is_cpu() && keys_t.device().is_cpu() && th.device().is_cpu(),
+              "dot_count: CPU tensors only");
+  TORCH_CHECK(queries.scalar_type() == torch::kFloat && keys_t.scalar_type() == torch::kFloat &&
+                  th.scalar_type() == torch::kFloat, "dot_count: float32 only");
+  TORCH_CHECK(queries.dim() == 2 && keys_t.dim() == 2 && queries.size(1) == keys_t.size(0) && th.dim() == 2 &&
+                  th.size(0) == queries.size(0),
+              "dot_count: queries [B, D], keys_t [D, I] and th [B, H], got ", queries.sizes(), ", ", keys_t.sizes(),
+              " and ", th.sizes());
+  const int64_t B = queries.size(0), D = queries.size(1), I = keys_t.size(1), H = th.size(1);
+  auto Q = queries.contiguous();
+  auto KT = keys_t.contiguous();
+  auto TH = th.contiguous();
+  auto out = torch::empty({B, H}, queries.options().dtype(torch::kLong));
+  const float* q = Q.data_ptr<float>();
+  const float* kt = KT.data_ptr<float>();
+  const float* t = TH.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const int T = at::get_num_threads();
+  const int64_t per = std::max<int64_t>(kUsers, (B + T - 1) / T);
+  at::parallel_for(0, B, per, [&](int64_t b0, int64_t b1) { count_rows(q, kt, D, I, t, H, b0, b1, o); });
+  return out;
+}
+
+// dot_pairs(queries [B, D], items [I, D], rows [n], cols [n]) -> float [n]: q_rows[j] . items[cols[j]], summed over d
+// in order with fused multiply-adds from 0: bit-equal to the scores dot_count and dot_topk form from items' transpose.
+torch::Tensor dot_pairs(const torch::Tensor& queries, const torch::Tensor& items, const torch::Tensor& rows,
+                        const torch::Tensor& cols) {
+  TORCH_CHECK(queries.device().is_cpu() && items.device().is_cpu() && rows.device().is_cpu() &&
+                  cols.device().is_cpu(), "dot_pairs: CPU tensors only");
+  TORCH_CHECK(queries.scalar_type() == torch::kFloat && items.scalar_type() == torch::kFloat,
+              "dot_pairs: float32 only");
+  TORCH_CHECK(queries.dim() == 2 && items.dim() == 2 && queries.size(1) == items.size(1) &&
+                  rows.numel() == cols.numel(), "dot_pairs: queries [B, D], items [I, D], rows and cols [n]");
+  const int64_t B = queries.size(0), D = queries.size(1), I = items.size(0), n = rows.numel();
+  auto Q = queries.contiguous();
+  auto V = items.contiguous();
+  auto R = rows.to(torch::kLong).contiguous();
+  auto C = cols.to(torch::kLong).contiguous();
+  const float* q = Q.data_ptr<float>();
+  const float* v = V.data_ptr<float>();
+  const int64_t* r = R.data_ptr<int64_t>();
+  const int64_t* c = C.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j)
+    TORCH_CHECK(r[j] >= 0 && r[j] < B && c[j] >= 0 && c[j] < I, "dot_pairs: a row or column out of range");
+  auto out = torch::empty({n}, queries.options());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* qr = q + r[j] * D;
+      const float* vr = v + c[j] * D;
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc = std::fma(qr[d], vr[d], acc);
+      o[j] = acc;
+    }
+  });
+  return out;
 }
 
 }  // namespace rayrec

@@ -21,6 +21,9 @@ std::tuple<torch::Tensor, torch::Tensor> csr_sample_distinct(const torch::Tensor
                                                              const torch::Tensor& users, const torch::Tensor& cand,
                                                              int64_t n, int64_t num_items);
 std::tuple<torch::Tensor, torch::Tensor> gumbel_topk_head(const torch::Tensor& u, double T, int64_t K);
+torch::Tensor dot_count(const torch::Tensor& queries, const torch::Tensor& keys_t, const torch::Tensor& th);
+torch::Tensor dot_pairs(const torch::Tensor& queries, const torch::Tensor& items, const torch::Tensor& rows,
+                        const torch::Tensor& cols);
 }  // namespace rayrec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -40,6 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("num_items"));
   m.def("gumbel_topk_head", &rayrec::gumbel_topk_head, "per row the top K of -r/T + Gumbel(u_r) as ascending ranks, "
         "and the K-th key (CPU, float32)", py::arg("u"), py::arg("T"), py::arg("K"));
+  m.def("dot_count", &rayrec::dot_count, "per row and threshold, the items whose dot-product score is not below it, "
+        "fused (CPU, float32)", py::arg("queries"), py::arg("keys_t"), py::arg("th"));
+  m.def("dot_pairs", &rayrec::dot_pairs, "dot products of (row, column) pairs, the sums dot_count forms (CPU, "
+        "float32)", py::arg("queries"), py::arg("items"), py::arg("rows"), py::arg("cols"));
   m.attr("avx512") = py::bool_(
 #if defined(__AVX512F__)
       true

@@ -448,6 +448,34 @@ class HeldoutRanker:
             exclude[pairs[0], pairs[1]] = True
         return _heldout_positions(scores, exclude, truth, valid, kmax), valid
 
+    def positions_dot(self, queries: Tensor, items: Tensor, keys_t: Tensor, start: int,
+                      kmax: int) -> tuple[Tensor, Tensor]:
+        """:meth:`positions` for scores ``queries [b, D] @ items.T`` (a dot-product model: the user rows, the item
+        table ``[I, D]`` and its transpose ``keys_t`` ``[D, I]``), with the native kernels on CPU: the
+        compare-and-count pass runs fused with the scoring (``dot_count``), so the ``[b, I]`` block is never written,
+        and the held-out and excluded items' scores come from ``dot_pairs``, the same sums bit for bit. The scores
+        are sums over ``d`` in order (they may differ from a BLAS GEMM's in the last bits). Elsewhere, or with more
+        held-out items per row than counting handles: :meth:`positions` of ``queries @ keys_t``."""
+        from rayrec.kernels import native
+
+        lib = native()
+        b = queries.shape[0]
+        fused = (lib is not None and queries.device.type == "cpu" and keys_t.device.type == "cpu"
+                 and queries.dtype == torch.float32 and keys_t.dtype == torch.float32)
+        if not fused or (b and int(self.t_len[start : start + b].max()) > COUNT_MAX_HELDOUT):
+            return self.positions(queries @ keys_t, start, kmax)
+        if keys_t.shape[1] != self.num_items or not 0 <= start <= start + b <= self.num_rows:
+            raise ValueError(f"a block of rows [{start}, {start + b}) x {keys_t.shape[1]} items does not fit "
+                             f"{self.num_rows} rows x {self.num_items} items")
+        truth = self.truth(start, b)
+        valid = truth >= 0
+        p0, p1 = self.indptr[start], self.indptr[start + b]
+        pairs = None if p1 == p0 else (self.pairs[:, p0:p1].long() - torch.tensor([[start], [0]]))
+        q = queries.contiguous()
+        return _positions_by_count(lambda r, c: lib.dot_pairs(q, items, r, c),
+                                   lambda th: lib.dot_count(q, keys_t, th.contiguous()), pairs, truth, valid,
+                                   kmax), valid
+
 
 def _masked_heldout_error(row: int, item: int) -> None:
     raise ValueError(
@@ -480,21 +508,36 @@ def _heldout_positions_by_count(scores: Tensor, pairs: Tensor | None, truth: Ten
     them held out) and the held-out items themselves are taken back out of the count, sparsely. Cost: one
     compare-and-count pass over ``[B, I]`` per held-out column and no ``[B, I]`` copy or top-k.
     """
-    num_rows, num_items = scores.shape
-    raw = scores.gather(1, truth.clamp(min=0))  # [B, H] held-out scores as they are
+    num_items = scores.shape[1]
+
+    def not_below(th: Tensor) -> Tensor:  # [B, H] -> items with not (s_i < th), per row and column
+        counted = torch.full(th.shape, num_items, dtype=torch.int64, device=scores.device)
+        for h in range(th.shape[1]):
+            for a in range(0, num_items, 32_767):  # int16 sums (3x faster than int64 on CPU), blocks that fit them
+                below = scores[:, a : a + 32_767] < th[:, h : h + 1]  # [B, <=32767]
+                counted[:, h] -= below.sum(dim=1, dtype=torch.int16)
+        return counted
+
+    return _positions_by_count(lambda r, c: scores[r, c], not_below, pairs, truth, valid, kmax)
+
+
+def _positions_by_count(score_at, not_below, pairs: Tensor | None, truth: Tensor, valid: Tensor,
+                        kmax: int) -> Tensor:
+    """:func:`_heldout_positions_by_count` given ``score_at(rows [n], cols [n]) -> [n]`` (the scores of pairs) and
+    ``not_below(th [B, H]) -> [B, H]`` (per row, the items whose score is not below each threshold): from a score
+    block, or fused over dot-product tables (:meth:`HeldoutRanker.positions_dot`)."""
+    B, H = truth.shape
+    rows = torch.arange(B, device=truth.device).unsqueeze(1).expand(B, H)
+    raw = score_at(rows.reshape(-1), truth.clamp(min=0).reshape(-1)).view(B, H)  # [B, H] held-out scores as they are
     th = torch.where(torch.isnan(raw), -torch.inf, raw)  # a NaN held-out item ranks below every candidate
-    counted = torch.full(truth.shape, num_items, dtype=torch.int64, device=scores.device)  # items not below s_h
-    for h in range(truth.shape[1]):
-        for a in range(0, num_items, 32_767):  # int16 sums (3x faster than int64 on CPU) over blocks they cannot overflow
-            below = scores[:, a : a + 32_767] < th[:, h : h + 1]  # [B, <=32767]
-            counted[:, h] -= below.sum(dim=1, dtype=torch.int16)
+    counted = not_below(th)  # [B, H] items not below s_h
     if pairs is not None:  # excluded items counted above
-        hit = ~(scores[pairs[0], pairs[1]].unsqueeze(1) < th[pairs[0]])  # [nnz, H]
+        hit = ~(score_at(pairs[0], pairs[1]).unsqueeze(1) < th[pairs[0]])  # [nnz, H]
         counted -= torch.zeros_like(counted).index_add_(0, pairs[0], hit.long())
     # held-out items counted above (each counts itself: not s_h < s_h, and a NaN one is counted like a NaN candidate)
     counted -= (~(raw.unsqueeze(1) < th.unsqueeze(2)) & valid.unsqueeze(1)).sum(dim=2)
     th = th.masked_fill(~valid, torch.nan)  # padding never counts as a held-out item ranked above another
-    col = torch.arange(th.shape[1], device=scores.device)
+    col = torch.arange(th.shape[1], device=th.device)
     before = ((th.unsqueeze(1) > th.unsqueeze(2)) | ((th.unsqueeze(1) == th.unsqueeze(2)) & (col < col.unsqueeze(1)))).sum(dim=2)
     return (1 + counted + before).clamp(max=kmax + 1)
 

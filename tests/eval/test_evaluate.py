@@ -72,6 +72,8 @@ def test_full_ranking_on_cpu_caps_the_score_block_and_keeps_the_metrics(monkeypa
     pd = _tiny()
     model = BPR(pd.num_users, pd.num_items, 4, init_std=1.0)
     cfg = EvalConfig(sampled=False, full_ks=[10])  # 256 MiB: every user in one chunk
+    fused = evaluate(model, EvalData.from_prepared(pd), "test", cfg)  # BPR on CPU: counted without a score block
+    monkeypatch.setattr(ev, "_dot_ranking_tables", lambda m: None)  # the score blocks, whose size is tested here
     calls = []
     real = model.score_all
     monkeypatch.setattr(model, "score_all", lambda u: calls.append(len(u)) or real(u))
@@ -82,6 +84,7 @@ def test_full_ranking_on_cpu_caps_the_score_block_and_keeps_the_metrics(monkeypa
     capped = evaluate(model, EvalData.from_prepared(pd), "test", cfg)
     assert len(calls) > 1 and set(calls) == {1}
     assert capped == pytest.approx(whole)
+    assert fused == pytest.approx(whole) and 0 < whole["full/Recall@10"] < 1
 
 
 def test_one_eval_data_serves_every_split_user_set_and_weight_change():

@@ -557,3 +557,75 @@ def test_heldout_ranker_blocks_with_csr_truth_match_brute_force(block):
         HeldoutRanker(I, (T([0, 0, 1]), T([3])), (T([0, 1, 3]), T([3, 0, 3])))
     with pytest.raises(ValueError, match="does not fit"):
         ranker.positions(scores[:3], B - 2, 10)
+
+
+@pytest.mark.parametrize("block", [7, 40])
+def test_fused_dot_positions_equal_the_score_block_positions(native_kernels, block):
+    """HeldoutRanker.positions_dot (scores never written: dot_count, dot_pairs) against positions() of the score
+    block, on small integer embeddings whose dot products are exact in float (so both paths see the same scores,
+    with many ties), NaN scores from a NaN user row and a NaN item, exclusions, 0-2 held-out items per row, one row
+    with 6 (its block falls back to the score block), and a tile's masked tail (150 items = 2 x 64 + 22)."""
+    from rayrec.eval.metrics import HeldoutRanker
+
+    g = torch.Generator().manual_seed(11)
+    B, I, D = 40, 150, 3
+    Q = torch.randint(-2, 3, (B, D), generator=g).float()
+    V = torch.randint(-2, 3, (I, D), generator=g).float()
+    Q[3, 1], V[17, 0] = float("nan"), float("nan")
+    truth = torch.full((B, 6), -1)
+    mask = torch.zeros(B, I, dtype=torch.bool)
+    for b in range(B):
+        perm = torch.randperm(I, generator=g)
+        n_gt = 6 if b == 30 else int(torch.randint(0, 3, (1,), generator=g))
+        truth[b, :n_gt] = perm[:n_gt]
+        mask[b, perm[6 : 6 + int(torch.randint(0, 40, (1,), generator=g))]] = True
+    ranker = HeldoutRanker(I, truth, mask)
+    scores = Q @ V.T
+    for start in range(0, B, block):
+        q = Q[start : start + block]
+        got, got_valid = ranker.positions_dot(q, V, V.T.contiguous(), start, 20)
+        want, want_valid = ranker.positions(scores[start : start + block], start, 20)
+        assert torch.equal(got_valid, want_valid)
+        assert torch.equal(torch.where(got_valid, got, 0), torch.where(want_valid, want, 0))
+    assert int((ranker.positions_dot(Q, V, V.T.contiguous(), 0, 20)[0] <= 20).sum()) > 10  # hits, not all missed
+
+
+def test_dot_count_and_dot_pairs_against_torch(native_kernels):
+    g = torch.Generator().manual_seed(5)
+    B, I, D = 13, 1000, 20  # users not a multiple of the 6-user tile, items not of the 64-item one
+    Q = torch.randint(-3, 4, (B, D), generator=g).float()
+    V = torch.randint(-3, 4, (I, D), generator=g).float()
+    scores = Q @ V.T  # exact: small integers
+    th = scores.gather(1, torch.randint(0, I, (B, 2), generator=g))  # thresholds tied with real scores
+    th[0, 1] = float("-inf")
+    want = torch.stack([(~(scores < th[:, h : h + 1])).sum(1) for h in range(2)], dim=1)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            assert torch.equal(native_kernels.dot_count(Q, V.T.contiguous(), th), want)
+        finally:
+            torch.set_num_threads(1)
+    assert int(want[0, 1]) == I
+    rows, cols = torch.randint(0, B, (500,), generator=g), torch.randint(0, I, (500,), generator=g)
+    assert torch.equal(native_kernels.dot_pairs(Q, V, rows, cols), scores[rows, cols])
+    with pytest.raises(RuntimeError, match="out of range"):
+        native_kernels.dot_pairs(Q, V, rows, cols + I)
+    with pytest.raises(RuntimeError, match="th \\[B, H\\]"):
+        native_kernels.dot_count(Q, V.T.contiguous(), th[:5])
+
+
+def test_fused_dot_positions_of_real_valued_embeddings(native_kernels):
+    """Random float embeddings (dot products rounded, no ties): the held-out items' own scores (dot_pairs) must be
+    the very sums the count compares (dot_count), or each position would be off by one. Against float64 scores."""
+    from rayrec.eval.metrics import HeldoutRanker
+
+    g = torch.Generator().manual_seed(3)
+    B, I, D = 50, 700, 20
+    Q, V = torch.randn(B, D, generator=g), torch.randn(I, D, generator=g)
+    truth = torch.stack([torch.randperm(I, generator=g)[:1] for _ in range(B)])
+    mask = torch.rand(B, I, generator=g) < 0.1
+    mask[torch.arange(B), truth[:, 0]] = False
+    ranker = HeldoutRanker(I, truth, mask)
+    got, _ = ranker.positions_dot(Q, V, V.T.contiguous(), 0, I)
+    want, _ = ranker.positions((Q.double() @ V.T.double()), 0, I)
+    assert torch.equal(got, want) and len(set(got.flatten().tolist())) > 20
