@@ -8,12 +8,16 @@ adds the D products in order with FMAs, a BLAS GEMM in its own order); ties go t
 in any order in the fallback.
 
 The op is a registered ``torch.library`` custom op, so ``torch.export`` keeps it as one node: an exported student
-(``rayrec.serve``) loads wherever ``rayrec`` imports, and runs the kernel where it can be built.
+(``rayrec.serve``) loads wherever ``rayrec`` imports, and runs the kernel where it can be built. The same tiles
+count instead of selecting for the full-ranking evaluation (``dot_count``: per row, the items scored not below each
+held-out item's score; ``dot_pairs``: the same sums for given pairs; :meth:`rayrec.eval.metrics.HeldoutRanker.
+positions_dot`).
 
 For training (``rayrec/csrc/list_rank.cpp``): :func:`rrd_nll`, RRD's relaxed ranking loss over each user's list of
-gathered dot products, with a backward that scatters into both tables in one deterministic pass; and
-``csr_contains``, the negative samplers' membership test (:class:`rayrec.train.sampling.NegativeSampler`). Both
-have plain-PyTorch fallbacks.
+gathered dot products, with a backward that scatters into both tables in one deterministic pass; ``csr_contains``,
+the negative samplers' membership test, and ``csr_sample_distinct``, their draw without replacement
+(:class:`rayrec.train.sampling.NegativeSampler`); ``gumbel_topk_head``, the first ranks of RRD's rank-discounted
+draw (:func:`rayrec.distill.lists.rank_discounted`). All have plain-PyTorch fallbacks.
 
 The build (``torch.utils.cpp_extension.load``, needs a C++ compiler and ninja; about 40 s on 2 cores;
 ``scripts/install.sh`` does it once) is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
