@@ -146,13 +146,14 @@ inline void tile_generic(const float* const q[kUsers], const float* kt, int64_t 
 }
 
 #if defined(__AVX512F__)
-// scores of users q[0..6) x items [j, j + 64) (kt points at column j; row stride I) into sc; all accumulators stay in
-// registers (24 zmm): each d loads 4 key vectors and broadcasts 6 query values for 24 FMAs. The loops have constant
-// trip counts and are unrolled, so GCC keeps c[][] in registers. A short tile (Full = false) loads its nt < 64
-// columns masked, zeros past them.
-template <bool Full>
-inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int nt,
-                        float sc[kUsers][kItems]) {
+// scores of users q[0..6) x items [j, j + 64) (kt points at column j; row stride I), handed to finish(c, m) as they
+// sit in registers (24 zmm; m: the tile's column masks): each d loads 4 key vectors and broadcasts 6 query values
+// for 24 FMAs. The loops have constant trip counts and are unrolled, and finish is inlined, so GCC keeps c[][] in
+// registers. A short tile (Full = false) loads its nt < 64 columns masked, zeros past them. tile_avx512 stores the
+// tile into sc (top-k), tile_count_avx512 compares it in place (counting).
+template <bool Full, typename Finish>
+__attribute__((always_inline)) inline void tile_avx512_then(const float* const q[kUsers], const float* kt, int64_t I,
+                                                            int64_t D, int nt, Finish&& finish) {
   __mmask16 m[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
   if (!Full)
     for (int b = 0; b < 4; ++b) {
@@ -177,10 +178,18 @@ inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I
       for (int b = 0; b < 4; ++b) c[a][b] = _mm512_fmadd_ps(s, k[b], c[a][b]);
     }
   }
+  finish(c, m);  // the tile, still in its registers (inlined: c[][] never goes through memory)
+}
+
+template <bool Full>
+inline void tile_avx512(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int nt,
+                        float sc[kUsers][kItems]) {
+  tile_avx512_then<Full>(q, kt, I, D, nt, [&](const __m512 (&c)[kUsers][4], const __mmask16*) {
 #pragma GCC unroll 8
-  for (int a = 0; a < kUsers; ++a)
+    for (int a = 0; a < kUsers; ++a)
 #pragma GCC unroll 4
-    for (int b = 0; b < 4; ++b) _mm512_store_ps(sc[a] + 16 * b, c[a][b]);
+      for (int b = 0; b < 4; ++b) _mm512_store_ps(sc[a] + 16 * b, c[a][b]);
+  });
 }
 #endif
 
@@ -277,42 +286,20 @@ void merge(int T, int64_t B, int k, const float* pv, const int64_t* pi, float* o
 template <bool Full>
 inline void tile_count_avx512(const float* const q[kUsers], const float* kt, int64_t I, int64_t D, int nt,
                               const float* th, int64_t H, int nu, int64_t* out) {
-  __mmask16 m[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-  if (!Full)
-    for (int b = 0; b < 4; ++b) {
-      const int n = std::max(0, std::min(16, nt - 16 * b));
-      m[b] = static_cast<__mmask16>((1u << n) - 1);
-    }
-  __m512 c[kUsers][4];
-#pragma GCC unroll 8
-  for (int a = 0; a < kUsers; ++a)
-#pragma GCC unroll 4
-    for (int b = 0; b < 4; ++b) c[a][b] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const float* row = kt + d * I;
-    __m512 k[4];
-#pragma GCC unroll 4
-    for (int b = 0; b < 4; ++b)
-      k[b] = Full ? _mm512_loadu_ps(row + 16 * b) : _mm512_maskz_loadu_ps(m[b], row + 16 * b);
+  tile_avx512_then<Full>(q, kt, I, D, nt, [&](const __m512 (&c)[kUsers][4], const __mmask16* m) {
 #pragma GCC unroll 8
     for (int a = 0; a < kUsers; ++a) {
-      const __m512 s = _mm512_set1_ps(q[a][d]);
+      if (a >= nu) break;
+      for (int64_t h = 0; h < H; ++h) {
+        const __m512 t = _mm512_set1_ps(th[a * H + h]);
+        int64_t n = 0;
 #pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b) c[a][b] = _mm512_fmadd_ps(s, k[b], c[a][b]);
+        for (int b = 0; b < 4; ++b)
+          n += __builtin_popcount(static_cast<unsigned>(_mm512_mask_cmp_ps_mask(m[b], c[a][b], t, _CMP_NLT_UQ)));
+        out[a * H + h] += n;
+      }
     }
-  }
-#pragma GCC unroll 8
-  for (int a = 0; a < kUsers; ++a) {
-    if (a >= nu) break;
-    for (int64_t h = 0; h < H; ++h) {
-      const __m512 t = _mm512_set1_ps(th[a * H + h]);
-      int64_t n = 0;
-#pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b)
-        n += __builtin_popcount(static_cast<unsigned>(_mm512_mask_cmp_ps_mask(m[b], c[a][b], t, _CMP_NLT_UQ)));
-      out[a * H + h] += n;
-    }
-  }
+  });
 }
 #endif
 
