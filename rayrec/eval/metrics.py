@@ -432,21 +432,25 @@ class HeldoutRanker:
         """``(positions [b, H_b] int64, valid [b, H_b] bool)`` of rows ``start .. start + b`` from their scores
         ``[b, I]``: positions beyond ``kmax`` reported as ``kmax + 1``, garbage where ``valid`` is False (padding).
         For :func:`full_metrics_from_positions`."""
-        b = scores.shape[0]
-        if scores.shape[1] != self.num_items or not 0 <= start <= start + b <= self.num_rows:
-            raise ValueError(f"a block of rows [{start}, {start + b}) x {scores.shape[1]} items does not fit "
-                             f"{self.num_rows} rows x {self.num_items} items")
-        truth = self.truth(start, b).to(scores.device)
-        valid = truth >= 0
-        p0, p1 = self.indptr[start], self.indptr[start + b]
-        pairs = None if p1 == p0 else (self.pairs[:, p0:p1].long() - torch.tensor([[start], [0]], device=scores.device))
+        truth, valid, pairs = self._block(start, scores.shape[0], scores.shape[1], scores.device)
         if truth.shape[1] <= COUNT_MAX_HELDOUT:
             return _heldout_positions_by_count(scores, pairs, truth, valid, kmax), valid
         exclude = None
         if pairs is not None:
-            exclude = torch.zeros(b, self.num_items, dtype=torch.bool, device=scores.device)
+            exclude = torch.zeros(scores.shape[0], self.num_items, dtype=torch.bool, device=scores.device)
             exclude[pairs[0], pairs[1]] = True
         return _heldout_positions(scores, exclude, truth, valid, kmax), valid
+
+    def _block(self, start: int, b: int, num_cols: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Rows ``start .. start + b`` (checked against ``num_cols`` scored items): their held-out ids ``[b, H_b]``,
+        which of them are real, and their excluded pairs ``[2, nnz]`` with block-local rows (``None``: none)."""
+        if num_cols != self.num_items or not 0 <= start <= start + b <= self.num_rows:
+            raise ValueError(f"a block of rows [{start}, {start + b}) x {num_cols} items does not fit "
+                             f"{self.num_rows} rows x {self.num_items} items")
+        truth = self.truth(start, b).to(device)
+        p0, p1 = self.indptr[start], self.indptr[start + b]
+        pairs = None if p1 == p0 else (self.pairs[:, p0:p1].long() - torch.tensor([[start], [0]], device=device))
+        return truth, truth >= 0, pairs
 
     def positions_dot(self, queries: Tensor, items: Tensor, keys_t: Tensor, start: int,
                       kmax: int) -> tuple[Tensor, Tensor]:
@@ -464,13 +468,7 @@ class HeldoutRanker:
                  and queries.dtype == torch.float32 and keys_t.dtype == torch.float32)
         if not fused or (b and int(self.t_len[start : start + b].max()) > COUNT_MAX_HELDOUT):
             return self.positions(queries @ keys_t, start, kmax)
-        if keys_t.shape[1] != self.num_items or not 0 <= start <= start + b <= self.num_rows:
-            raise ValueError(f"a block of rows [{start}, {start + b}) x {keys_t.shape[1]} items does not fit "
-                             f"{self.num_rows} rows x {self.num_items} items")
-        truth = self.truth(start, b)
-        valid = truth >= 0
-        p0, p1 = self.indptr[start], self.indptr[start + b]
-        pairs = None if p1 == p0 else (self.pairs[:, p0:p1].long() - torch.tensor([[start], [0]]))
+        truth, valid, pairs = self._block(start, b, keys_t.shape[1], queries.device)
         q = queries.contiguous()
         return _positions_by_count(lambda r, c: lib.dot_pairs(q, items, r, c),
                                    lambda th: lib.dot_count(q, keys_t, th.contiguous()), pairs, truth, valid,
